@@ -1,0 +1,107 @@
+"""Which implementation a kernel call takes, and the small facts about the machine that decide it.
+
+By default CUDA tensors take the Triton kernels and everything else the PyTorch path. `MUGS_KERNELS` forces one:
+`torch` always takes PyTorch; `triton` always takes Triton and raises where it cannot run - on CPU tensors it needs
+Triton's interpreter (`TRITON_INTERPRET=1`, set before triton is imported), which is how the tests run the kernels.
+"""
+
+import functools
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+MODES = ("auto", "triton", "torch")
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter runs the kernels on CPU tensors (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def triton_gpu_ready() -> bool:
+    """True when Triton can launch on a GPU: without one, `import triton` works but its driver raises."""
+    try:
+        triton.runtime.driver.active.get_current_device()
+    except Exception:
+        return False
+    return True
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("MUGS_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"MUGS_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def use_triton(op: str, *tensors: torch.Tensor, unsupported: str | None = None) -> bool:
+    """Whether `op` runs its Triton kernel on `tensors`.
+
+    `unsupported` is the reason the kernel cannot take these inputs (None when it can): forced Triton raises it,
+    automatic dispatch warns once and takes the PyTorch path.
+    """
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    on_cuda = all(t.is_cuda for t in tensors)
+    runnable = (on_cuda and triton_gpu_ready()) or (interpreting() and not any(t.is_cuda for t in tensors))
+    if mode == "triton":
+        if not runnable:
+            where = "CUDA tensors" if on_cuda else "CPU tensors without TRITON_INTERPRET=1"
+            raise RuntimeError(f"{op}: MUGS_KERNELS=triton but Triton cannot run on {where}")
+        if unsupported is not None:
+            raise ValueError(f"{op}: the Triton kernel does not support {unsupported} (MUGS_KERNELS=torch does)")
+        return True
+    if not (on_cuda and runnable):
+        return False
+    if unsupported is not None:
+        _warn_fallback(op, unsupported)
+        return False
+    return True
+
+
+@functools.cache
+def _warn_fallback(op: str, reason: str) -> None:
+    warnings.warn(f"{op}: {reason} is not supported by the Triton kernel; using the PyTorch path", stacklevel=3)
+
+
+def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The operand dtype of the kernels' tensor-core dots: what an eager matmul of the inputs would use.
+
+    bf16 if any input is bf16, else fp16 if any is fp16, else the autocast dtype where CUDA autocast is on, else fp32
+    (run as TF32). Under the interpreter always fp32: its bf16 `tl.dot` is wrong and its fp32 -> bf16 casts truncate.
+    """
+    dtypes = {t.dtype for t in tensors}
+    if interpreting():
+        return torch.float32
+    if torch.bfloat16 in dtypes:
+        return torch.bfloat16
+    if torch.float16 in dtypes:
+        return torch.float16
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.float32
+
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def dot_precision() -> str:
+    """`input_precision` of fp32 dots: TF32 on the GPU (as cuBLAS with TF32 allowed), exact when interpreting."""
+    return "ieee" if interpreting() else "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (a small stand-in under the interpreter, to exercise the splitting)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_options() -> dict:
+    """Options every launch passes: fp fusion explicit (triton 3.9 warns when it is left to its default)."""
+    return {} if interpreting() else {"enable_fp_fusion": True}
