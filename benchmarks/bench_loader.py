@@ -4,16 +4,18 @@
 
 Without a .beton, generates ImageNet-like JPEGs (bench_prep's photo-like images, ~400 x 350 px) and converts
 them as for training (longer side <= 512, quality 90). Each pipeline makes the 14 crops (224 / 96 px) of
-every image of the file after a warm-up batch; the GPU pipeline runs only where CUDA is available (skipped,
-and said so, elsewhere). One JSON record per pipeline is appended to benchmarks/results/bench_loader.json
-(device, versions, date, cores, load), replacing an earlier record of the same machine and settings, and a
-Markdown table is printed. CPU numbers depend on the machine's load: the load average is recorded.
+every image of the file twice: a warm-up epoch, then the timed one. The GPU pipeline runs only where CUDA is
+available (skipped, and said so, elsewhere), on the same images repeated until an epoch has --gpu-batches
+batches. One JSON record per pipeline is appended to benchmarks/results/bench_loader.json (device, versions,
+date, cores, load), replacing an earlier record of the same machine and settings, and a Markdown table is
+printed. CPU numbers depend on the machine's load: the load average is recorded.
 """
 
 import argparse
 import datetime
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -24,27 +26,56 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from bench_prep import cpu_seconds, machine, make_inputs, versions  # noqa: E402
+import bench_prep  # noqa: E402
+from bench_prep import machine, make_inputs, versions  # noqa: E402
 
 from data_prep.convert import convert  # noqa: E402
+from data_prep.writer import BetonWriter  # noqa: E402
 from mugs_fast.data import MultiCropLoader, ReferenceLoader  # noqa: E402
+from mugs_fast.data.beton import BetonReader  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loader.json"
 CROPS = 14
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its children, finished or alive (DataLoader workers stay alive)."""
+    tick, alive = os.sysconf("SC_CLK_TCK"), 0.0
+    for child in multiprocessing.active_children():
+        try:
+            fields = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            alive += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return bench_prep.cpu_seconds() + alive
+
+
 def time_loader(loader, device: str) -> dict:
-    """Seconds and CPU seconds for all batches of an epoch after the first (warm-up: graph, workers, caches)."""
+    """Seconds and CPU seconds of a whole epoch, after a warm-up epoch (caches, workers; no batch prefetched
+    across the epoch boundary, so the timed epoch does all of its own work)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    batches = iter(loader)
-    next(batches)
+    for _ in loader:
+        pass
+    loader.set_epoch(1)
     sync()
     cpu, start, images = cpu_seconds(), time.perf_counter(), 0
-    for batch in batches:
+    for batch in loader:
         images += len(batch["label"])
     sync()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "images": images}
+
+
+def repeated(path: Path, dst: Path, times: int) -> Path:
+    """A copy of the .beton with every sample `times` times (for GPU epochs of many batches)."""
+    reader = BetonReader(path)
+    with BetonWriter(dst, len(reader) * times, reader.page_size) as writer:
+        for _ in range(times):
+            for i in range(len(reader)):
+                jpeg, label = reader[i]
+                writer.add(jpeg.tobytes(), int(reader.heights[i]), int(reader.widths[i]), label)
+        writer.finish()
+    return dst
 
 
 def run_pipeline(name: str, path: Path, args, cores: int) -> dict:
@@ -96,6 +127,12 @@ def run(args) -> list[dict]:
             source = make_inputs(Path(tmp) / "src", args.images)
             path = Path(tmp) / "bench.beton"
             convert(Path(tmp) / "src", path, max_resolution=512, jpeg_quality=90, progress=False)
+        paths = {name: path for name in pipelines}
+        if "dali-gpu" in pipelines:
+            times = -(-args.gpu_batches * args.gpu_batch_size // len(BetonReader(path)))
+            if times > 1:
+                paths["dali-gpu"] = repeated(path, Path(tmp) / "gpu.beton", times)
+                source = {**source, "gpu_repeats": times}
         common = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(),
@@ -106,7 +143,8 @@ def run(args) -> list[dict]:
         records = []
         for name in pipelines:
             load = os.getloadavg()[0]
-            records.append({**run_pipeline(name, path, args, cores), **common, "load_average_before": round(load, 2)})
+            record = run_pipeline(name, paths[name], args, cores)
+            records.append({**record, **common, "load_average_before": round(load, 2)})
     return records
 
 
@@ -134,9 +172,10 @@ def table(records: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("beton", type=Path, nargs="?", help="a .beton to read (default: generate ImageNet-like)")
-    parser.add_argument("--images", type=int, default=256, help="images to generate without a .beton")
+    parser.add_argument("--images", type=int, default=256, help="images to generate without a .beton (GPU: more)")
     parser.add_argument("--batch-size", type=int, default=32, help="for the CPU pipelines")
     parser.add_argument("--gpu-batch-size", type=int, default=256)
+    parser.add_argument("--gpu-batches", type=int, default=30, help="batches per GPU epoch (images repeated)")
     parser.add_argument(
         "--pipelines",
         nargs="+",

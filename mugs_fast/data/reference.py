@@ -170,24 +170,25 @@ def _collate(samples):
 
 
 class _Batches:
-    """Batch sampler: this rank's batches from `start`, each entry (sample index, seed key)."""
+    """Batch sampler: this rank's batches from the sampler's position, each entry (sample index, seed key)."""
 
-    def __init__(self, sampler: EpochSampler, start: int):
-        self.sampler, self.start = sampler, start
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
 
     def __len__(self) -> int:
-        return len(self.sampler) - self.start
+        return len(self.sampler) - self.sampler.position
 
     def __iter__(self):
         s = self.sampler
-        for b in range(self.start, len(s)):
+        for b in range(s.position, len(s)):
             yield [(int(i), [s.seed, s.epoch, s.rank, b, slot]) for slot, i in enumerate(s.batch(b))]
 
 
 class ReferenceLoader:
     """The release's pipeline with `MultiCropLoader`'s interface and output dict (fp32 by default).
 
-    num_workers: DataLoader worker processes (the release used 12 per GPU); 0 runs in this process.
+    num_workers: DataLoader worker processes (the release used 12 per GPU); 0 runs in this process. They are
+    started once, with 'spawn' (forking a process that runs DALI or torch threads can deadlock), and kept.
     """
 
     def __init__(
@@ -211,6 +212,7 @@ class ReferenceLoader:
         self.device = default_device(device)
         self.dtype, self.local_size = dtype, local_size
         self.num_workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
+        self._loader = None
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -228,17 +230,20 @@ class ReferenceLoader:
         s = self.sampler
         if s.position >= len(s):
             s.position = 0
-        loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_sampler=_Batches(s, s.position),
-            num_workers=self.num_workers,
-            collate_fn=_collate,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=False,
-        )
+        if self._loader is None:
+            workers = self.num_workers
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=_Batches(s),
+                num_workers=workers,
+                collate_fn=_collate,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+                multiprocessing_context="spawn" if workers > 0 else None,
+            )
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        for batch in loader:
+        for batch in self._loader:
             out = {k: v.to(self.device, non_blocking=True) if v is not None else None for k, v in batch.items()}
             for key in ("teacher", "student_global", "student_local"):  # the release's data_prefetcher
                 if out[key] is None:
