@@ -1,21 +1,30 @@
-"""mugs_fast.demo: the README's main job (synth -> convert -> inspect) end to end, on a tiny dataset."""
+"""mugs_fast.demo: the README's main job (synth -> convert -> train -> kNN -> summary) end to end, tiny."""
 
 import json
 
 from mugs_fast.data.beton import BetonReader
 from mugs_fast.demo import main
 
+TINY = ["--seed", "3", "--train_per_class", "4", "--val_per_class", "2", "--epochs", "2"]
+
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["--output_dir", str(out), "--seed", "3", "--train_per_class", "4", "--val_per_class", "2"]) == 0
+    assert main(["--output_dir", str(out), *TINY]) == 0
     stdout = capsys.readouterr().out
-    assert "demo done" in stdout and "train.beton" in stdout
+    assert "demo done" in stdout and "same network at initialisation" in stdout and "chance 10.0%" in stdout
     assert len(BetonReader(out / "train.beton")) == 40 and len(BetonReader(out / "val.beton")) == 20
     assert json.loads((out / "val.report.json").read_text())["skipped_files"] == []
-    assert (out / "train_sheet.png").stat().st_size > 0
+    assert (out / "train_sheet.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
 
-    assert main(["--output_dir", str(out), "--seed", "3", "--train_per_class", "4", "--val_per_class", "2"]) == 0
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert set(summary["knn_top1"]) == {"trained", "initial", "chance"} and summary["knn_top1"]["chance"] == 10.0
+    assert summary["knn"]["trained"]["val_samples"] == 20 and summary["knn"]["trained"]["train_samples"] == 40
+    assert set(summary["seconds"]) == {"data", "train", "knn"}
+    run = json.loads((out / "run" / "config.json").read_text())
+    assert run["recipe"] == "tiny" and run["epochs"] == 2
+
+    assert main(["--output_dir", str(out), *TINY]) == 0  # re-running replaces the run
 
 
 def test_demo_error_is_one_line(tmp_path, capsys):

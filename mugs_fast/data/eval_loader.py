@@ -1,0 +1,182 @@
+"""`EvalLoader`: a .beton -> evaluation images: Resize(shorter side, bicubic) -> CenterCrop -> ImageNet normalise.
+
+This is the kNN / linear-probe transform of DINO and the release (Resize(256) -> CenterCrop(224)); for runs on
+smaller crops the resize scales with the crop (`resize_size = round(crop_size * 256 / 224)`). The window that
+torchvision's Resize + CenterCrop keeps is computed on the host from the image size (its exact integer
+arithmetic), and one DALI graph decodes (nvJPEG on GPU, DALI's CPU operators otherwise) and resamples that
+window to the crop size in one bicubic, antialiased resize (the training loader's crop op), then normalises.
+
+Samples come in file order. With several ranks each takes a contiguous share of equal length (the last one
+padded), so features can be all-gathered and stay in file order; padding rows, and samples whose bytes are
+not a JPEG (found by the training loader's header check), carry the label -1 and are to be dropped.
+"""
+
+import collections
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+
+from mugs_fast.data.beton import BetonError, BetonReader
+from mugs_fast.data.dali_pipeline import _cut, _no_origin_tracing
+from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
+from mugs_fast.data.jpeg import BadJpeg, jpeg_size
+
+INVALID = -1  # label of padding rows and undecodable samples
+
+
+def resize_for(crop_size: int) -> int:
+    """The shorter side to resize to before a centre crop of `crop_size` (256 for 224)."""
+    return round(crop_size * 256 / 224)
+
+
+def shard(num_samples: int, rank: int, world_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's contiguous share of range(num_samples), padded to ceil(N / W) entries.
+
+    Returns (indices (n,) int64, real (n,) bool); padding entries repeat sample 0 and are not real.
+    """
+    per_rank = -(-num_samples // world_size)
+    positions = np.arange(rank * per_rank, (rank + 1) * per_rank)
+    real = positions < num_samples
+    return np.where(real, positions, 0).astype(np.int64), real
+
+
+def centre_windows(heights: np.ndarray, widths: np.ndarray, resize_size: int, crop_size: int) -> np.ndarray:
+    """Source windows (N, 4: y0, x0, y1, x1, float32 pixels) of Resize(resize_size) -> CenterCrop(crop_size).
+
+    torchvision's arithmetic: the shorter side becomes resize_size, the longer int(resize_size * long / short);
+    the crop starts at int(round((side - crop) / 2)) of the resized image.
+    """
+    short, long = np.minimum(heights, widths), np.maximum(heights, widths)
+    resized_long = (resize_size * long / short).astype(np.int64)
+    new_h = np.where(heights <= widths, resize_size, resized_long)
+    new_w = np.where(heights <= widths, resized_long, resize_size)
+    top, left = np.round((new_h - crop_size) / 2).astype(np.int64), np.round((new_w - crop_size) / 2).astype(np.int64)
+    sy, sx = heights / new_h, widths / new_w  # source pixels per resized pixel
+    return np.stack([top * sy, left * sx, (top + crop_size) * sy, (left + crop_size) * sx], -1).astype(np.float32)
+
+
+@pipeline_def
+def _eval_pipeline(source, crop_size: int, decoder: str):
+    jpegs, windows = fn.external_source(source=source, num_outputs=2, batch=True, parallel=False)
+    images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
+    return fn.crop_mirror_normalize(
+        _cut(images, windows, crop_size),
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+        output_layout="CHW",
+        dtype=types.FLOAT,
+    )
+
+
+class EvalLoader:
+    """Batches (images (b, 3, S, S) float32 on `device`, labels (b,) int64) of this rank's share of a .beton.
+
+    Every rank yields the same number of rows (`len(loader.indices)`); a label of -1 marks a row to drop.
+    device: 'cuda' (nvJPEG 'mixed' decoding, GPU ops) or 'cpu'. num_threads: DALI's CPU threads.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        batch_size: int,
+        *,
+        crop_size: int = 224,
+        resize_size: int | None = None,
+        device: str | torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        num_threads: int | None = None,
+    ):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no .beton file at {path}")
+        self.reader = BetonReader(path)
+        if len(self.reader) == 0:
+            raise BetonError(f"{path} holds no samples")
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.batch_size = batch_size
+        self.crop_size, self.resize_size = crop_size, resize_size or resize_for(crop_size)
+        self.indices, self._real = shard(len(self.reader), rank, world_size)
+        self._pending: collections.deque = collections.deque()  # batches (indices, real) not yet fed to DALI
+        self._fed: collections.deque = collections.deque()  # labels of the batches DALI is working on
+        on_gpu = self.device.type == "cuda"
+        with _no_origin_tracing():
+            self._pipe = _eval_pipeline(
+                self._feed,
+                crop_size,
+                "mixed" if on_gpu else "cpu",
+                batch_size=batch_size,
+                num_threads=num_threads or min(16, len(os.sched_getaffinity(0))),
+                device_id=self.device.index if on_gpu else None,
+                prefetch_queue_depth=2,
+            )
+            self._pipe.build()
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.reader.num_classes
+
+    def _labels(self, indices: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """The samples' labels, INVALID for padding and for bytes that fail the JPEG header check."""
+        labels = np.where(real, self.reader.labels[indices], INVALID)
+        for slot, i in enumerate(indices):
+            try:
+                jpeg_size(self.reader[int(i)][0])
+            except BadJpeg as e:
+                labels[slot] = INVALID
+                warnings.warn(f"{self.reader.path}: sample {i} is left out ({e})", RuntimeWarning, stacklevel=2)
+        return labels
+
+    def _feed(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """DALI's external source: the next batch's JPEGs (a decodable stand-in where a sample is not) and their
+        source windows (b, 4)."""
+        if not self._pending:
+            raise StopIteration
+        indices, real = self._pending.popleft()
+        labels = self._labels(indices, real)
+        valid = np.flatnonzero(labels != INVALID)
+        if len(valid) == 0:
+            raise RuntimeError(f"{self.reader.path}: no decodable sample among {indices.tolist()}")
+        self._fed.append(labels)
+        samples = np.where(labels != INVALID, indices, indices[valid[0]])
+        r = self.reader
+        windows = centre_windows(r.heights[samples], r.widths[samples], self.resize_size, self.crop_size)
+        return [r[int(i)][0] for i in samples], windows
+
+    def __iter__(self):
+        """This rank's batches, in file order."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        for start in range(0, len(self.indices), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
+            self._pending.append((self.indices[chunk], self._real[chunk]))
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        try:
+            for _ in range(len(self)):
+                (images,) = self._pipe.run(stream)
+                dense = images.as_tensor()
+                out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+                labels = torch.from_numpy(self._fed.popleft()).to(self.device)
+                yield feed_ndarray(dense, out, cuda_stream=stream), labels
+        finally:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Lets DALI finish (and drops) what it was fed, so the next pass starts clean."""
+        self._pending.clear()
+        while True:
+            try:
+                self._pipe.run()
+            except StopIteration:
+                break
+        self._fed.clear()
+        self._pipe.reset()

@@ -1,0 +1,192 @@
+"""What a run reports: a progress bar, a metrics line every `log_freq` steps (stdout and metrics.jsonl),
+TensorBoard events when tensorboard is installed, and the run's identity (resolved config, code version).
+
+Per step the logger only adds the step's loss tensors into a device-side sum (no host sync); the sums are
+all-reduced and read once per logging interval.
+"""
+
+import json
+import math
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mugs_fast.config import MugsConfig
+from mugs_fast.distributed import all_reduce_mean
+
+SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp")
+SHORT_NAMES = {"instance-sup.": "instance", "local-group-sup.": "local-group", "group-sup.": "group"}
+
+
+def code_version() -> dict[str, Any]:
+    """The package version, and the git commit and dirty flag when the code runs from a git checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        package = metadata.version("mugs-fast")
+    except metadata.PackageNotFoundError:
+        package = None
+    version: dict[str, Any] = {"package": package, "commit": None, "dirty": None}
+    try:
+        git = lambda *args: subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        version["commit"] = git("rev-parse", "HEAD")
+        version["dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout (an installed package), or no git
+    return version
+
+
+def write_run_info(output_dir: Path, cfg: MugsConfig, version: dict[str, Any], world_size: int) -> None:
+    """config.json (the resolved config, loadable with MugsConfig.from_json) and run.json (code, launch)."""
+    (output_dir / "config.json").write_text(cfg.to_json() + "\n")
+    info = {
+        "version": version,
+        "command": sys.argv,
+        "world_size": world_size,
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (output_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _tensorboard_writer(output_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(output_dir / "tensorboard"))
+
+
+class MetricLogger:
+    """Training metrics of every rank, printed and written by rank 0 (`enabled`).
+
+    step(): per optimiser step, device-side accumulation only. log(): every rank, at the logging interval;
+    all-reduces the sums (a collective) and syncs once; rank 0 prints a line and appends to metrics.jsonl.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        total_steps: int,
+        start_step: int,
+        global_batch: int,
+        log_freq: int,
+        device: torch.device,
+        enabled: bool,
+    ) -> None:
+        self.output_dir, self.global_batch, self.log_freq = output_dir, global_batch, max(1, log_freq)
+        self.device, self.enabled, self.total_steps = device, enabled, total_steps
+        self._keys: list[str] = []
+        self._sum: torch.Tensor | None = None
+        self._count, self._data_seconds, self._since = 0, 0.0, time.perf_counter()
+        self._schedule: dict[str, float] = {}
+        self.bar = tqdm(
+            total=total_steps * global_batch,
+            initial=start_step * global_batch,
+            unit="img",
+            unit_scale=True,
+            dynamic_ncols=True,
+            disable=not enabled,
+        )
+        if enabled:
+            _drop_records_after(output_dir / "metrics.jsonl", start_step)
+        self._jsonl = open(output_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
+        self._tb = _tensorboard_writer(output_dir) if enabled else None
+
+    def step(self, metrics: dict[str, torch.Tensor | float], data_seconds: float) -> None:
+        """Adds one step's metrics (loss tensors summed on the device; schedule values kept as they are)."""
+        if not self._keys:
+            self._keys = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        values = torch.stack([metrics[k].float() for k in self._keys])  # (M,)
+        self._sum = values if self._sum is None else self._sum + values
+        self._schedule = {k: float(metrics[k]) for k in SCHEDULE_KEYS}
+        self._count += 1
+        self._data_seconds += data_seconds
+        self.bar.update(self.global_batch)
+
+    def due(self, step: int) -> bool:
+        """Whether the step just done (0-based index) ends a logging interval."""
+        return (step + 1) % self.log_freq == 0 and self._count > 0
+
+    def log(self, step: int, epoch: int) -> dict[str, Any] | None:
+        """Closes the interval ending with step `step` (0-based): every rank must call it. Returns the record."""
+        if self._count == 0:
+            return None
+        means = (all_reduce_mean(self._sum) / self._count).tolist()  # host sync: once per interval
+        seconds = time.perf_counter() - self._since
+        record: dict[str, Any] = {"step": step + 1, "epoch": epoch, **dict(zip(self._keys, means, strict=True))}
+        record.update(self._schedule)
+        record["images_per_s"] = self._count * self.global_batch / seconds
+        record["data_wait"] = self._data_seconds / seconds
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._sum, self._count, self._data_seconds, self._since = None, 0, 0.0, time.perf_counter()
+        if self.enabled:
+            self._write(record, prefix="train")
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            self.bar.write(format_record(record, self.total_steps))
+        return record
+
+    def log_eval(self, step: int, epoch: int, name: str, results: dict[str, Any]) -> None:
+        """An evaluation result (e.g. kNN accuracies) into metrics.jsonl, TensorBoard and stdout (rank 0)."""
+        if not self.enabled:
+            return
+        self._write({"step": step, "epoch": epoch, name: results}, prefix=name)
+        self.bar.write(f"[{name}] epoch {epoch}: " + json.dumps(results))
+
+    def _write(self, record: dict[str, Any], prefix: str) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in _flatten(record).items():
+                if key not in ("step", "epoch") and isinstance(value, float | int) and math.isfinite(value):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self.bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: forget what the stopped run logged for them."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        path.write_text("".join(kept))
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def format_record(r: dict[str, Any], total_steps: int) -> str:
+    """One console line of a training record."""
+    losses = " ".join(f"{SHORT_NAMES[k]} {r[k]:.4f}" for k in SHORT_NAMES if k in r)
+    line = (
+        f"step {r['step']}/{total_steps} epoch {r['epoch']} | loss {r['loss']:.4f} ({losses}) | "
+        f"lr {r['lr']:.3g} wd {r['wd']:.3g} momentum {r['momentum']:.5f} teacher_temp {r['teacher_temp']:.3f} | "
+        f"{r['images_per_s']:.0f} img/s, data wait {100 * r['data_wait']:.0f}%"
+    )
+    if "peak_mem_gib" in r:
+        line += f" | peak mem {r['peak_mem_gib']:.1f} GiB"
+    return line

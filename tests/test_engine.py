@@ -1,0 +1,102 @@
+"""mugs_fast.engine: the full loop on a tiny .beton, exact resumption, non-finite losses, run-directory checks."""
+
+import json
+
+import pytest
+import torch
+from _fixtures import write_beton
+from mugs_testing import small_cfg
+
+from mugs_fast import engine
+from mugs_fast.checkpoint import load_checkpoint
+from mugs_fast.engine import TrainError, train
+
+STEPS_PER_EPOCH = 7  # 37 images, batch 5
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory):
+    return write_beton(tmp_path_factory.mktemp("engine") / "train.beton", 37, seed=4)
+
+
+def _cfg(beton, out, **overrides):
+    base = dict(data_path=str(beton), output_dir=str(out), num_workers=1, log_freq=2, checkpoint_minutes=0)
+    return small_cfg(**{**base, **overrides})
+
+
+def test_a_few_steps_write_metrics_config_and_checkpoint(beton, tmp_path):
+    out = tmp_path / "run"
+    result = train(_cfg(beton, out, max_steps=3))
+    assert (result.step, result.total_steps, result.stopped_by) == (3, 3, "max_steps")
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3]
+    keys = {"loss", "instance-sup.", "local-group-sup.", "group-sup.", "lr", "wd", "momentum", "teacher_temp"}
+    assert keys | {"images_per_s", "data_wait"} <= set(records[0])
+    assert all(0 < r["loss"] < 20 and 0 <= r["data_wait"] <= 1 for r in records)
+
+    assert json.loads((out / "config.json").read_text())["data_path"] == str(beton)
+    assert {"commit", "dirty", "package"} <= set(json.loads((out / "run.json").read_text())["version"])
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == 3 and ckpt["epoch"] == 0 and ckpt["loader"]["sampler"]["position"] == 3
+    expected = {"student", "teacher", "student_mem", "teacher_mem", "instance-sup.", "local-group-sup.", "group-sup."}
+    assert expected | {"optimizer", "rng", "config", "version"} <= set(ckpt)
+    assert all(k.startswith("module.") for k in ckpt["student"]) and "backbone.cls_token" in ckpt["teacher"]
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(beton, tmp_path):
+    # drop path on: the resumed run must also restore the RNG; 9 steps cross the epoch boundary at 7
+    overrides = dict(drop_path_rate=0.2, epochs=3)
+    train(_cfg(beton, tmp_path / "a", max_steps=5, **overrides))
+    resumed = train(_cfg(beton, tmp_path / "a", max_steps=9, **overrides))
+    straight = train(_cfg(beton, tmp_path / "b", max_steps=9, **overrides))
+    assert resumed.step == straight.step == 9
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pth"), load_checkpoint(tmp_path / "b" / "checkpoint.pth")
+    for entry in ("teacher", "student", "teacher_mem", "instance-sup.", "group-sup."):
+        for key, value in b[entry].items():
+            assert torch.equal(a[entry][key], value), (entry, key)
+    assert (tmp_path / "a" / "checkpoint0000.pth").exists()  # saveckp_freq: epoch 0 is numbered, as the release
+    logged = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 5, 6, 8, 9]  # log_freq 2, plus the last step of each command
+
+    again = train(_cfg(beton, tmp_path / "a", max_steps=9, **overrides))
+    assert again.step == 9 and again.stopped_by == "max_steps"  # nothing left to do
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(beton, tmp_path, monkeypatch):
+    real_step = engine.train_step
+
+    def poisoned(model, optimizer, schedules, batch, step):
+        if step == 9:
+            batch = {**batch, "student_local": batch["student_local"] * float("nan")}
+        return real_step(model, optimizer, schedules, batch, step)
+
+    monkeypatch.setattr(engine, "train_step", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match=r"non-finite loss at step 9: .*loss.*last good checkpoint is kept"):
+        train(_cfg(beton, out, max_steps=12, log_freq=4))
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert ckpt["step"] == STEPS_PER_EPOCH  # the epoch-end checkpoint, written before the poisoned step
+    assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
+
+
+def test_resuming_with_other_settings_is_refused(beton, tmp_path):
+    train(_cfg(beton, tmp_path / "run", max_steps=1))
+    with pytest.raises(TrainError, match=r"other settings \(lr: 0.1 \(was"):
+        train(_cfg(beton, tmp_path / "run", max_steps=2, lr=0.1))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(data_path=""), "either --data_path"),
+        (dict(data_path="missing.beton"), "no such file"),
+        (dict(synthetic=True), "either --data_path"),
+        (dict(batch_size_per_gpu=50), "no full batch"),
+        (dict(global_crops_scale=(0.4, 1.0)), "supports only"),
+    ],
+)
+def test_bad_inputs_are_train_errors(beton, tmp_path, overrides, message):
+    with pytest.raises(TrainError, match=message):
+        train(_cfg(beton, tmp_path / "run", **overrides))

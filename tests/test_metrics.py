@@ -1,0 +1,71 @@
+"""mugs_fast.metrics: interval averages, metrics.jsonl, the console line, the code version."""
+
+import json
+
+import torch
+
+from mugs_fast.metrics import MetricLogger, code_version, format_record
+
+
+def _metrics(loss: float) -> dict:
+    return {
+        "loss": torch.tensor(loss),
+        "instance-sup.": torch.tensor(2 * loss),
+        "weak_ratio": torch.tensor(0.5),
+        "lr": 1e-3,
+        "wd": 0.04,
+        "momentum": 0.996,
+        "teacher_temp": 0.04,
+    }
+
+
+def test_log_averages_the_interval_and_writes_a_json_line(tmp_path, capsys):
+    logger = MetricLogger(
+        tmp_path, total_steps=7, start_step=0, global_batch=3, log_freq=3, device=torch.device("cpu"), enabled=True
+    )
+    for step, loss in enumerate([1.0, 2.0, 6.0]):
+        logger.step(_metrics(loss), data_seconds=0.0)
+        assert logger.due(step) == (step == 2)
+    record = logger.log(2, epoch=0)
+    logger.step(_metrics(10.0), data_seconds=0.0)
+    second = logger.log(3, epoch=1)
+    logger.close()
+    assert record["loss"] == 3.0 and record["instance-sup."] == 6.0 and record["step"] == 3 and record["lr"] == 1e-3
+    assert second["loss"] == 10.0 and second["epoch"] == 1
+    assert record["images_per_s"] > 0 and 0 <= record["data_wait"] <= 1 and "peak_mem_gib" not in record
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [3, 4]
+    assert "step 3/7 epoch 0 | loss 3.0000 (instance 6.0000)" in capsys.readouterr().out
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    logger = MetricLogger(
+        tmp_path, total_steps=2, start_step=0, global_batch=1, log_freq=1, device=torch.device("cpu"), enabled=False
+    )
+    logger.step(_metrics(1.0), data_seconds=0.1)
+    assert logger.log(0, epoch=0)["loss"] == 1.0
+    logger.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_format_record_shows_every_field():
+    r = {"step": 5, "epoch": 0, "loss": 1.0, "group-sup.": 2.0, "lr": 1e-4, "wd": 0.04, "momentum": 0.99}
+    r.update(teacher_temp=0.07, images_per_s=123.4, data_wait=0.25, peak_mem_gib=3.5)
+    line = format_record(r, total_steps=10)
+    for part in ("step 5/10", "group 2.0000", "lr 0.0001", "123 img/s", "data wait 25%", "peak mem 3.5 GiB"):
+        assert part in line
+
+
+def test_code_version_of_this_checkout():
+    version = code_version()
+    assert len(version["commit"]) == 40 and isinstance(version["dirty"], bool)
+
+
+def test_a_resumed_run_forgets_what_was_logged_after_its_checkpoint(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (2, 4, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    logger = MetricLogger(
+        tmp_path, total_steps=9, start_step=5, global_batch=1, log_freq=1, device=torch.device("cpu"), enabled=True
+    )
+    logger.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
