@@ -104,5 +104,11 @@ class GroupHead(nn.Module):
         self.last_layer.weight_g.requires_grad_(not norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> prototype logits (N, out_dim)."""
-        return self.last_layer(F.normalize(self.projector(x), dim=-1))
+        """(N, D) -> prototype logits (N, out_dim), fp32 even under autocast.
+
+        The teacher sharpens these logits at temperature 0.04: bf16 rounding of them would move its top
+        probabilities by up to a few per cent, so the prototype layer (a few % of the step's FLOPs) runs in fp32.
+        """
+        z = F.normalize(self.projector(x), dim=-1)  # (N, bottleneck)
+        with torch.autocast(z.device.type, enabled=False):
+            return self.last_layer(z.float())

@@ -78,3 +78,14 @@ def test_group_head():
     z = F.normalize(head.projector(x), dim=-1)
     v = head.last_layer.weight_v
     torch.testing.assert_close(head(x), z @ F.normalize(v, dim=1).T)
+
+
+def test_group_head_logits_are_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = GroupHead(24, out_dim=37, hidden_dim=32, bottleneck_dim=16)
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x)
+        z = F.normalize(head.projector(x), dim=-1).float()  # the bf16 bottleneck the prototypes see
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, head.last_layer(z), rtol=0, atol=0)
