@@ -289,7 +289,16 @@ def _restore(ckpt: dict[str, Any], model: Mugs, optimizer, loader, rt: Runtime) 
 
 
 def _wrap_for_speed(model: Mugs, cfg: MugsConfig, rt: Runtime) -> None:
-    """Optionally compiles the transformer blocks, then wraps the student in DDP when distributed."""
+    """Optionally compiles the transformer blocks, then wraps the student in DDP when distributed.
+
+    BatchNorm in the heads (`--use_bn_in_head`) becomes SyncBatchNorm in both networks under DDP, as in the
+    release (the parameters stay the same objects, so the optimizer and the EMA pairs are unaffected).
+    """
+    if rt.distributed and cfg.use_bn_in_head:
+        if rt.device.type != "cuda":
+            raise TrainError("--use_bn_in_head true with several processes needs SyncBatchNorm, which needs GPUs")
+        model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
+        model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.teacher)
     if cfg.compile:
         for network in (model.student, model.teacher):
             network.backbone.blocks.compile()  # in place: parameter names (and checkpoints) stay the same

@@ -100,3 +100,11 @@ def test_resuming_with_other_settings_is_refused(beton, tmp_path):
 def test_bad_inputs_are_train_errors(beton, tmp_path, overrides, message):
     with pytest.raises(TrainError, match=message):
         train(_cfg(beton, tmp_path / "run", **overrides))
+
+
+def test_head_batchnorm_under_ddp_needs_gpus():
+    cfg = small_cfg(use_bn_in_head=True)
+    model = engine.Mugs(cfg)
+    rt = engine.Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(TrainError, match="SyncBatchNorm"):
+        engine._wrap_for_speed(model, cfg, rt)
