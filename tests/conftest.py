@@ -15,6 +15,16 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def triton_path(monkeypatch):
+    """Force the Triton kernels (`MUGS_KERNELS=triton`): on CPU tensors they run under the interpreter set above."""
+    from kernels import dispatch
+
+    if not (HAS_CUDA or dispatch.interpreting()):
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setenv("MUGS_KERNELS", "triton")
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

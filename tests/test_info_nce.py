@@ -7,22 +7,13 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HAS_CUDA
 
 import kernels
-from kernels import dispatch
 
 op = importlib.import_module("kernels.info_nce")  # the module: `kernels.info_nce` is the function
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-
-
-@pytest.fixture
-def triton_path(monkeypatch):
-    """Force the Triton kernels: on CPU tensors they run under the interpreter that conftest switched on."""
-    if not (HAS_CUDA or dispatch.interpreting()):
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    monkeypatch.setenv("MUGS_KERNELS", "triton")
 
 
 def info_nce64(student, teacher, queue, tau):
