@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import platform
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from PIL import Image, features
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from data_prep.convert import convert  # noqa: E402
+from mugs_fast.metrics import code_version  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_prep.json"
 
@@ -111,10 +111,9 @@ def machine() -> dict:
 
 
 def versions(with_ffcv: bool) -> dict:
-    repo = Path(__file__).resolve().parents[1]
-    git = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True).stdout.strip()
+    code = code_version()  # no git (e.g. the GPU machine): commit "unknown"
     out = {
-        "mugs_fast_commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else ""),
+        "mugs_fast_commit": (code["commit"] or "unknown")[:7] + ("-dirty" if code["dirty"] else ""),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pillow": Image.__version__,
