@@ -1,14 +1,17 @@
 """Multi-crop loading speed: DALI on the GPU, DALI on the CPU and the release's PIL pipeline, in one run.
 
-    python benchmarks/bench_loader.py [FILE.beton] [--images 256] [--batch-size 32] [--gpu-batch-size 256]
+    python benchmarks/bench_loader.py [FILE.beton] [--images 256] [--batch-size 32] [--cpu-images 512]
+                                      [--gpu-batch-sizes 64 128 256] [--gpu-batches 30]
 
 Without a .beton, generates ImageNet-like JPEGs (bench_prep's photo-like images, ~400 x 350 px) and converts
 them as for training (longer side <= 512, quality 90). Each pipeline makes the 14 crops (224 / 96 px) of
-every image of the file twice: a warm-up epoch, then the timed one. The GPU pipeline runs only where CUDA is
-available (skipped, and said so, elsewhere), on the same images repeated until an epoch has --gpu-batches
-batches. One JSON record per pipeline is appended to benchmarks/results/bench_loader.json (device, versions,
-date, cores, load), replacing an earlier record of the same machine and settings, and a Markdown table is
-printed. CPU numbers depend on the machine's load: the load average is recorded.
+every image it reads twice: a warm-up epoch, then the timed one. The CPU pipelines read the first --cpu-images
+images of the file (they are slow: this bounds their time). The GPU pipeline runs only where CUDA is available
+(skipped, and said so, elsewhere), once per batch size of --gpu-batch-sizes (training uses 64 per GPU), on the
+file's images repeated until an epoch has --gpu-batches batches of the largest size. One JSON record per
+pipeline and batch size is appended to benchmarks/results/bench_loader.json (device, versions, date, cores,
+load), replacing an earlier record of the same machine and settings, and a Markdown table is printed. CPU
+numbers depend on the machine's load: the load average is recorded.
 """
 
 import argparse
@@ -66,28 +69,28 @@ def time_loader(loader, device: str) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu, "images": images}
 
 
-def repeated(path: Path, dst: Path, times: int) -> Path:
-    """A copy of the .beton with every sample `times` times (for GPU epochs of many batches)."""
+def copy_samples(path: Path, dst: Path, indices) -> Path:
+    """A .beton holding the samples `indices` of `path` (repeats allowed), in that order."""
     reader = BetonReader(path)
-    with BetonWriter(dst, len(reader) * times, reader.page_size) as writer:
-        for _ in range(times):
-            for i in range(len(reader)):
-                jpeg, label = reader[i]
-                writer.add(jpeg.tobytes(), int(reader.heights[i]), int(reader.widths[i]), label)
+    indices = list(indices)
+    with BetonWriter(dst, len(indices), reader.page_size) as writer:
+        for i in indices:
+            jpeg, label = reader[i]
+            writer.add(jpeg.tobytes(), int(reader.heights[i]), int(reader.widths[i]), label)
         writer.finish()
     return dst
 
 
-def run_pipeline(name: str, path: Path, args, cores: int) -> dict:
+def run_pipeline(name: str, path: Path, batch_size: int, cores: int) -> dict:
     common = dict(local_crops_number=CROPS - 4, seed=0)
     if name == "dali-gpu":
-        device, batch_size = "cuda", args.gpu_batch_size
+        device = "cuda"
         loader = MultiCropLoader(path, batch_size, device="cuda", num_threads=cores, **common)
     elif name == "dali-cpu":
-        device, batch_size = "cpu", args.batch_size
+        device = "cpu"
         loader = MultiCropLoader(path, batch_size, device="cpu", num_threads=cores, **common)
     else:  # the release's pipeline: workers make the crops, the GPU (if any) normalises
-        device, batch_size = ("cuda" if torch.cuda.is_available() else "cpu"), args.batch_size
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         loader = ReferenceLoader(path, batch_size, device=device, num_workers=cores, **common)
     t = time_loader(loader, device)
     img_s = t["images"] / t["seconds"]
@@ -116,7 +119,8 @@ def loader_versions() -> dict:
     return out
 
 
-def run(args) -> list[dict]:
+def run(args):
+    """Yields one record per measurement, as soon as it is taken."""
     cores = len(os.sched_getaffinity(0))
     pipelines = [p for p in args.pipelines if p != "dali-gpu" or torch.cuda.is_available()]
     if "dali-gpu" in args.pipelines and "dali-gpu" not in pipelines:
@@ -127,12 +131,7 @@ def run(args) -> list[dict]:
             source = make_inputs(Path(tmp) / "src", args.images)
             path = Path(tmp) / "bench.beton"
             convert(Path(tmp) / "src", path, max_resolution=512, jpeg_quality=90, progress=False)
-        paths = {name: path for name in pipelines}
-        if "dali-gpu" in pipelines:
-            times = -(-args.gpu_batches * args.gpu_batch_size // len(BetonReader(path)))
-            if times > 1:
-                paths["dali-gpu"] = repeated(path, Path(tmp) / "gpu.beton", times)
-                source = {**source, "gpu_repeats": times}
+        runs = _runs(pipelines, path, Path(tmp), args)
         common = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(),
@@ -140,12 +139,26 @@ def run(args) -> list[dict]:
             "input": source,
             "crop_sizes": [224, 96],
         }
-        records = []
-        for name in pipelines:
+        for name, run_path, batch_size in runs:
             load = os.getloadavg()[0]
-            record = run_pipeline(name, paths[name], args, cores)
-            records.append({**record, **common, "load_average_before": round(load, 2)})
-    return records
+            record = run_pipeline(name, run_path, batch_size, cores)
+            yield {**record, **common, "load_average_before": round(load, 2)}
+
+
+def _runs(pipelines: list[str], path: Path, tmp: Path, args) -> list[tuple[str, Path, int]]:
+    """(pipeline, .beton, batch size) of each measurement, most telling first: the GPU at training's batch."""
+    runs, num_images = [], len(BetonReader(path))
+    if "dali-gpu" in pipelines:
+        images = args.gpu_batches * max(args.gpu_batch_sizes)
+        gpu_path = copy_samples(path, tmp / "gpu.beton", [i % num_images for i in range(images)])
+        runs += [("dali-gpu", gpu_path, b) for b in args.gpu_batch_sizes]
+    cpu = [name for name in pipelines if name != "dali-gpu"]
+    if cpu:
+        cpu_path = path
+        if args.cpu_images < num_images:
+            cpu_path = copy_samples(path, tmp / "cpu.beton", range(args.cpu_images))
+        runs += [(name, cpu_path, args.batch_size) for name in cpu]
+    return runs
 
 
 def save(records: list[dict], path: Path) -> None:
@@ -174,8 +187,18 @@ def main(argv=None) -> int:
     parser.add_argument("beton", type=Path, nargs="?", help="a .beton to read (default: generate ImageNet-like)")
     parser.add_argument("--images", type=int, default=256, help="images to generate without a .beton (GPU: more)")
     parser.add_argument("--batch-size", type=int, default=32, help="for the CPU pipelines")
-    parser.add_argument("--gpu-batch-size", type=int, default=256)
-    parser.add_argument("--gpu-batches", type=int, default=30, help="batches per GPU epoch (images repeated)")
+    parser.add_argument("--cpu-images", type=int, default=512, help="images the CPU pipelines read (the first ones)")
+    parser.add_argument(
+        "--gpu-batch-sizes",
+        "--gpu-batch-size",
+        type=int,
+        nargs="+",
+        default=[64, 128, 256],
+        help="batch sizes of the GPU pipeline, one measurement each (training: 64 per GPU)",
+    )
+    parser.add_argument(
+        "--gpu-batches", type=int, default=30, help="batches of the largest size per GPU epoch (images repeated)"
+    )
     parser.add_argument(
         "--pipelines",
         nargs="+",
@@ -186,9 +209,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.beton is not None and not args.beton.is_file():
         parser.error(f"no .beton file at {args.beton}")
+    if min(args.batch_size, args.cpu_images, args.gpu_batches, *args.gpu_batch_sizes) < 1:
+        parser.error("--batch-size, --cpu-images, --gpu-batches and --gpu-batch-sizes must be >= 1")
 
-    records = run(args)
-    save(records, args.out)
+    records = []
+    for record in run(args):  # saved one by one: a run stopped by a time budget keeps what it measured
+        records.append(record)
+        save([record], args.out)
+        print(f"{record['pipeline']} (batch {record['batch_size']}): {record['img_s']:,} images/s", flush=True)
     print(table(records))
     print(f"-> {args.out}")
     return 0

@@ -10,9 +10,12 @@ import torch
 from _fixtures import LOADER_ARGS, encode_jpeg, run_epochs, undefined_quant_table, write_beton
 
 from data_prep.synth import render
-from mugs_fast.data import MultiCropLoader
+from mugs_fast.data import MultiCropLoader, dali_pipeline
+from mugs_fast.data import loader as loader_module
 from mugs_fast.data.beton import BetonError
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
+from mugs_fast.data.params import plan_rng, sample_plan
+from mugs_fast.data.sampler import EpochSampler
 
 B, L = 12, LOADER_ARGS["local_crops_number"]
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -141,11 +144,13 @@ def test_a_new_iteration_abandons_an_unfinished_one(dali_loader, epochs):
         next(unfinished)
 
 
-def test_undecodable_samples_are_replaced_and_counted(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_undecodable_samples_are_replaced_and_counted(tmp_path, device):
     good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
     corrupt = {3: b"not a jpeg at all", 10: good[: len(good) // 2], 17: undefined_quant_table(good)}
-    path = write_beton(tmp_path / "corrupt.beton", 40, corrupt=corrupt)
-    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "local_crops_number": 2})
+    trailing = {25: good + b"\x00" * 7 + b"vendor trailer"}  # bytes after the end marker: a valid JPEG
+    path = write_beton(tmp_path / "corrupt.beton", 40, corrupt=corrupt | trailing)
+    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "local_crops_number": 2, "device": device})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(loader)
@@ -154,12 +159,68 @@ def test_undecodable_samples_are_replaced_and_counted(tmp_path):
     assert sorted(loader.corrupt_samples) == [3, 10, 17] and len(messages) == 3
     assert "sample 17 does not decode" in " ".join(messages)
     assert loader.num_replaced == 3 and len(batches) == 5
-    indices = torch.cat([b["index"] for b in batches]).numpy()
+    indices = torch.cat([b["index"].cpu() for b in batches]).numpy()
     assert len(indices) == 40 and not set(indices) & {3, 10, 17}
-    assert all(b["teacher"].shape == (16, 3, 32, 32) for b in batches)
+    assert all(b["teacher"].shape == (16, 3, 32, 32) and b["teacher"].device.type == device for b in batches)
     assert loader.state_dict()["corrupt"].keys() == {3, 10, 17}
     again = list(loader)  # known now: replaced up front, the same batches
-    assert_same_batches(again, batches)
+    if device == "cpu":
+        assert_same_batches(again, batches)
+    assert torch.equal(torch.cat([b["index"].cpu() for b in again]), torch.from_numpy(indices))
+    assert loader.num_replaced == 6
+
+
+def test_replacements_are_counted_in_the_batches_yielded(tmp_path):
+    """Not when a batch is fed: a batch fed again after a decoder failure, or fed ahead and then dropped, counts
+    its replacements once, when it is yielded."""
+    batch_1 = EpochSampler(16, 4, seed=LOADER_ARGS["seed"]).batch(1)
+    good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
+    corrupt = {int(batch_1[0]): b"not a jpeg at all", int(batch_1[1]): undefined_quant_table(good)}
+    path = write_beton(tmp_path / "corrupt.beton", 16, corrupt=corrupt)
+    loader = MultiCropLoader(path, 4, **{**LOADER_ARGS, "local_crops_number": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        next(iter(loader))  # batch 0; DALI was also fed batch 1 (prefetch), which is dropped below
+        assert loader.num_replaced == 0 and int(batch_1[0]) in loader.corrupt_samples
+        rest = list(loader)  # batches 1-3: batch 1 fails in the decoder and is fed again
+    assert len(rest) == 3 and sorted(loader.corrupt_samples) == sorted(corrupt)
+    assert loader.num_replaced == 2
+
+
+def test_a_batch_reaches_the_device_in_one_copy_without_syncs(dali_loader, monkeypatch):
+    """On a GPU a `.to(device)` of host data, or a `torch.tensor(..., device=...)`, makes the host wait for the
+    GPU: per batch, the loader's host arrays go through one `to_device` call and nothing else moves."""
+    copies, moves = [], []
+    to_device, to = loader_module.to_device, torch.Tensor.to
+
+    def counting_to_device(arrays, device):
+        copies.append(sorted(arrays))
+        return to_device(arrays, device)
+
+    def watched_to(self, *args, **kwargs):
+        if any(isinstance(a, (torch.device, str)) for a in (*args, *kwargs.values())):
+            moves.append(args)
+        return to(self, *args, **kwargs)
+
+    def no_new_constants(*args, **kwargs):
+        raise AssertionError("torch.tensor called per batch: a blocking host -> device copy on a GPU")
+
+    monkeypatch.setattr(loader_module, "to_device", counting_to_device)
+    monkeypatch.setattr(torch.Tensor, "to", watched_to)
+    monkeypatch.setattr(torch, "tensor", no_new_constants)
+    dali_loader.set_epoch(5)
+    batches = list(dali_loader)
+    assert len(copies) == len(batches) == 8 and not moves
+    assert {"label", "index", "weak", "strong_local", "global.colour", "local.boxes"} <= set(copies[0])
+
+
+def test_batches_out_of_order_are_an_error(small_beton, monkeypatch):
+    """DALI's outputs carry their batch number: a mix-up raises (also under python -O), it is never trained on."""
+    feed = dali_pipeline.source_batch
+    monkeypatch.setattr(dali_pipeline, "source_batch", lambda jpegs, shapes, plan, tag: feed(jpegs, shapes, plan, 3))
+    loader = MultiCropLoader(small_beton, 12, **{**LOADER_ARGS, "local_crops_number": 0})
+    with pytest.raises(RuntimeError, match="DALI returned batch 3 where 0 was expected"):
+        next(iter(loader))
 
 
 def test_bad_input(tmp_path, small_beton):
@@ -187,6 +248,49 @@ def test_gpu_loader_matches_the_cpu_one(small_beton, epochs):
         # teacher crops are never erased (the noise differs between devices): decoding and resampling only
         diff = (g["teacher"].float().cpu() - c["teacher"]).abs()
         assert diff.mean() < 0.05 and diff.quantile(0.99) < 0.3
+
+
+def erase_mask(boxes: np.ndarray, size: int) -> torch.Tensor:
+    """(k * B, S, S) bool: inside the erased box of each crop; boxes (k, B, 4: top, left, height, width)."""
+    top, left, h, w = (torch.from_numpy(boxes[..., i].reshape(-1, 1)) for i in range(4))
+    ys = torch.arange(size)
+    inside_y, inside_x = (ys >= top) & (ys < top + h), (ys >= left) & (ys < left + w)
+    return inside_y[:, :, None] & inside_x[:, None, :]
+
+
+@pytest.mark.gpu
+def test_gpu_strong_crops_match_the_cpu_ones(small_beton, dali_loader, epochs):
+    """Student crops of the same plan on both devices (RandAugment, crops, finishing); the erased boxes, whose
+    noise comes from each device's generator, are masked out with the plan."""
+    gpu = MultiCropLoader(small_beton, 12, **{**LOADER_ARGS, "device": "cuda", "dtype": torch.float32})
+    gpu.set_epoch(0)
+    reader, seed = dali_loader.reader, LOADER_ARGS["seed"]
+    strong_diffs = []
+    for i, (g, c) in enumerate(zip(gpu, epochs[:8], strict=True)):
+        index = c["index"].numpy()
+        plan = sample_plan(plan_rng(seed, 0, 0, i), reader.heights[index], reader.widths[index], L, 32, 16)
+        for key, rows, size in (("student_global", slice(2, 4), 32), ("student_local", slice(4, None), 16)):
+            kept = ~erase_mask(plan.erase[rows], size)  # (k * B, S, S)
+            diff = (g[key].cpu() - c[key]).abs().movedim(1, -1)  # (k * B, S, S, 3)
+            assert diff[kept].mean() < 0.1, key
+            strong = torch.from_numpy(plan.strong[rows].reshape(-1))
+            strong_diffs.append(diff[strong][kept[strong]].ravel())
+    strong_diff = torch.cat(strong_diffs)
+    # nvJPEG vs libjpeg-turbo differ by a level or two, which thresholds (posterize, solarize) can amplify
+    assert strong_diff.numel() > 10_000 and strong_diff.mean() < 0.1 and (strong_diff > 0.5).float().mean() < 0.05
+
+
+@pytest.mark.gpu
+def test_gpu_batches_need_no_host_device_sync(small_beton):
+    gpu = MultiCropLoader(small_beton, 12, **{**LOADER_ARGS, "device": "cuda"})
+    batches = iter(gpu)
+    next(batches)  # the first batch allocates (pinned host memory, caches)
+    torch.cuda.set_sync_debug_mode("error")  # any torch op that waits for the GPU raises
+    try:
+        rest = list(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(rest) == 7
 
 
 def test_import_stays_light():

@@ -6,7 +6,7 @@ import torch
 import torchvision.transforms.functional as F
 
 from mugs_fast.data import params
-from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, finish_crops
+from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, CropFinisher, finish_arrays, to_device
 
 B, L = 4000, 10
 
@@ -96,7 +96,7 @@ def test_colour_affine_is_torchvision_colour_jitter_and_grayscale():
 
 def test_finish_crops_normalises_solarises_and_erases():
     rng = np.random.default_rng(2)
-    k, b, size = 2, 3, 8
+    k, b, size = 2, 3, 7
     plan = params.sample_plan(rng, np.full(b, 50), np.full(b, 50), 0, size, size)
     plan.colour[:] = np.eye(3, dtype=np.float32)
     plan.contrast_shift[:] = 0
@@ -104,9 +104,11 @@ def test_finish_crops_normalises_solarises_and_erases():
     plan.solarize[1, 0] = True
     plan.erase[:] = 0
     plan.erase[0, 2] = (1, 2, 3, 4)
-    u8 = torch.from_numpy(rng.integers(0, 256, (b, k + 2, size, size, 3), dtype=np.uint8))
-    out = finish_crops(u8[:, :k], plan, slice(0, k), torch.Generator().manual_seed(0), torch.float32)
-    x = u8[:, :k].permute(1, 0, 4, 2, 3).float() / 255  # (k, b, 3, S, S)
+    u8 = torch.from_numpy(rng.integers(0, 256, (k + 2, b, size, size, 3), dtype=np.uint8))
+    finisher = CropFinisher(torch.device("cpu"), torch.float32)
+    arrays = to_device(finish_arrays(plan, slice(0, k)), torch.device("cpu"))
+    out = finisher(u8[:k], arrays, torch.Generator().manual_seed(0))
+    x = u8[:k].permute(0, 1, 4, 2, 3).float() / 255  # (k, b, 3, S, S)
     x[1, 0] = torch.where(x[1, 0] >= 127.5 / 255, 1 - x[1, 0], x[1, 0])
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     ref = ((x - mean) / std).reshape(k * b, 3, size, size)
@@ -115,3 +117,46 @@ def test_finish_crops_normalises_solarises_and_erases():
     assert erased.std() > 0.5
     out[2][box] = ref[2][box]
     torch.testing.assert_close(out, ref)
+
+
+def host_arrays() -> dict[str, np.ndarray]:
+    """Arrays of every dtype and odd size the loader copies, and an empty one."""
+    rng = np.random.default_rng(3)
+    return {
+        "flags": rng.random(7) < 0.5,
+        "labels": rng.integers(-5, 1000, 5),
+        "colour": rng.random((3, 5, 3, 3), dtype=np.float32),
+        "none": np.zeros((2, 0), np.int64),
+        "offsets": rng.integers(0, 60000, (3, 1), dtype=np.uint16),
+        "bytes": rng.integers(0, 256, 13, dtype=np.uint8),
+    }
+
+
+def test_to_device_keeps_names_values_shapes_and_dtypes():
+    arrays = host_arrays()
+    out = to_device(arrays, torch.device("cpu"))
+    assert out.keys() == arrays.keys()
+    for name, a in arrays.items():
+        torch.testing.assert_close(out[name], torch.from_numpy(a), rtol=0, atol=0)
+
+
+def test_to_device_makes_one_non_blocking_copy_from_pinned_memory(monkeypatch):
+    """For a GPU: one pinned buffer, one asynchronous copy (a blocking copy would make the host wait)."""
+    calls = []
+
+    def pin_memory(self):
+        calls.append(("pin_memory", self.numel()))
+        return self
+
+    def to(self, *args, **kwargs):
+        calls.append(("to", args, kwargs))
+        return self
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    arrays = host_arrays()
+    out = to_device(arrays, torch.device("cuda", 0))
+    total = sum(-(-a.nbytes // 8) * 8 for a in arrays.values())
+    assert calls == [("pin_memory", total), ("to", (torch.device("cuda", 0),), {"non_blocking": True})]
+    for name, a in arrays.items():
+        assert torch.equal(out[name], torch.from_numpy(a)), name

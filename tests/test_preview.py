@@ -31,7 +31,7 @@ def test_writes_a_grid_of_all_crops(small_beton, tmp_path, pipeline, capsys):
 )
 def test_bad_input_is_a_one_line_error(small_beton, tmp_path, capsys, make_args, message):
     (tmp_path / "foreign.beton").write_bytes(b"x" * 100)
-    assert main([*make_args(tmp_path, small_beton), *ARGS]) == 2
+    assert main([*make_args(tmp_path, small_beton), *ARGS]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
@@ -49,4 +49,4 @@ def test_runs_as_a_module(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 2 and "no .beton file" in result.stderr
+    assert result.returncode == 1 and "no .beton file" in result.stderr and "Traceback" not in result.stderr

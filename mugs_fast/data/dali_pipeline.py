@@ -1,13 +1,22 @@
 """The DALI graph of the multi-crop augmentation: decode each image once, cut its 4 + L crops.
 
-Per image (crop slots as in `mugs_fast.data.params`): the JPEG is decoded once ('mixed' = nvJPEG and the
-hardware decoder on GPU, 'cpu' otherwise); every crop is a bicubic, antialiased resize of a window of it
-(`fn.resize` with a pixel ROI: torchvision's RandomResizedCrop with the window from the plan; a flipped ROI
-is the horizontal flip). A weak crop is then blurred when its plan says so. A strong crop first runs
-RandAugment on the full decoded image (the release's order: RandAugment before the crop), then is cut.
-Crops leave the graph as uint8 HWC, stacked per resolution: (4, S, S, 3) and (L, s, s, 3) per image; the
-rest of the weak ops (colour jitter, grayscale, solarize), random erasing, normalisation and the dtype are
-applied in torch on the device (`mugs_fast.data.finish`): one batched op per resolution, and DALI has no bf16.
+The samples of the DALI batch are the crops: sample k * B + b is crop slot k (as in `mugs_fast.data.params`)
+of image b, so every op runs once per batch over all crops it applies to, and the graph has the same ~140
+operators for any number of local crops. (One DALI branch per crop slot and RandAugment kind made ~1,900
+operators for 4 + 10 crops, each with its fixed per-batch cost.)
+
+- Decode once: the samples of slot 0 decode their image's JPEG ('mixed' = nvJPEG and the hardware decoder on
+  GPU, 'cpu' otherwise), the others skip the decoder (a conditional), and `permute_batch` then hands every
+  crop its image's decoded pixels.
+- RandAugment (`mugs_fast.data.randaugment`) on the full decoded image, for the strong crops only (the
+  release's order: RandAugment before the crop): per layer, one branch per kind of op.
+- Crop: a bicubic, antialiased resize of the crop's window (`fn.resize` with a pixel ROI: torchvision's
+  RandomResizedCrop with the window from the plan; a mirrored ROI is the horizontal flip) to the slot's size;
+  then the Gaussian blur of the weak crops whose plan says so.
+- Out: uint8 HWC crops padded to the global size, (N, S, S, 3) with N = (4 + L) B (local crops in their
+  top-left s x s corner), and each sample's batch tag. The rest of the weak ops (colour jitter, grayscale,
+  solarize), random erasing, normalisation and the dtype are applied in torch on the device
+  (`mugs_fast.data.finish`): one batched op per resolution, and DALI has no bf16.
 
 All randomness comes from the host plan fed through `fn.external_source`, nothing from DALI's RNG: the
 distributions are the release's, the random numbers are not (numpy per batch; torch's for the erasing noise).
@@ -25,8 +34,9 @@ RandAugment op with timm's, tests/test_reference_pipeline.py the crop statistics
   before the colour jitter here, after it in the release (they commute up to uint8 rounding and clamping).
 - Solarize (weak-2): on the float values after the jitter with threshold 127.5/255; PIL rounds to uint8 first.
 - Flip: the release flips the full image before RandAugment for strong crops; here the crop window is
-  mirrored. Every op of the suite is mirror-symmetric in distribution (signs are random), so the output
-  distribution is the same.
+  mirrored after it, and the geometric RandAugment ops of a flipped crop are mirrored to match
+  (`randaugment._mirrored`): the same result op for op (the window's position is drawn unflipped, which
+  leaves its distribution unchanged).
 - RandAugment (`mugs_fast.data.randaugment`): levels N(9, 0.5) quantised to 0.1; bilinear warps where timm
   picks bilinear or bicubic; Equalize with OpenCV's formula (3-12 levels from PIL's on average); AutoContrast
   rounds where PIL truncates; Sharpness also filters the 1-px border.
@@ -39,89 +49,93 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from mugs_fast.data.randaugment import ra_arguments, rand_augment
+from mugs_fast.data.params import RA_LAYERS
+from mugs_fast.data.randaugment import LAYER_FIELDS, ra_arguments, rand_augment
 
-# per-sample arrays of the external source, in this order (one batch: a list of JPEGs + (B, ...) arrays)
-SOURCE_FIELDS = ("jpeg", "roi", "strong", "blur", "ra_colour", "ra_kernel", "ra_matrix", "ra_kinds", "tag")
+# per-sample arrays of the external source, in this order (one batch: a list of N JPEGs + (N, ...) arrays)
+SOURCE_FIELDS = (
+    "jpeg",  # the image's JPEG for slot 0's samples, empty for the others
+    "owner",  # bool: decodes its JPEG (slot 0)
+    "source",  # int32: the sample whose decoded image this crop uses (its image's slot-0 sample)
+    "roi_start",  # (2,) float32 window y0, x0 in source pixels
+    "roi_end",  # (2,) float32 window y1, x1 (x1 < x0: mirrored)
+    "size",  # (2,) float32 crop height, width
+    "blur",  # bool
+    "sigma",  # float32 Gaussian sigma of the blur
+    *(f"ra{layer}_{name}" for layer in range(RA_LAYERS) for name in LAYER_FIELDS),
+    "tag",  # int64 batch number, to check that outputs come back in feed order
+)
+_NO_JPEG = np.empty(0, np.uint8)
 
 
-def _cut(images, roi, size):
+def _resize_window(images, roi_start, roi_end, size):
     return fn.resize(
         images,
-        roi_start=roi[0:2],
-        roi_end=roi[2:4],
+        roi_start=roi_start,
+        roi_end=roi_end,
         roi_relative=False,
-        size=[size, size],
+        size=size,
         interp_type=types.INTERP_CUBIC,
         antialias=True,
     )
 
 
-def _weak(images, roi, sigma, size):
-    out = _cut(images, roi, size)
-    if sigma > 0:
-        out = fn.gaussian_blur(out, sigma=sigma)
-    return out
+def _cut(images, roi, size: int):
+    """The window roi (y0, x0, y1, x1 in pixels; per sample) of each image, resampled to size x size."""
+    return _resize_window(images, roi[0:2], roi[2:4], [size, size])
 
 
-def _crop(images, k, size, src, strong_capable):
-    """Crop slot k of every image: weak (cut, maybe blur) or, where the plan says strong, RandAugment + cut."""
-    roi, sigma = src["roi"][k], src["blur"][k]
-    if not strong_capable:
-        return _weak(images, roi, sigma, size)
-    if src["strong"][k]:
-        augmented = rand_augment(images, *(src[f"ra_{name}"][k] for name in ("colour", "kernel", "matrix", "kinds")))
-        out = _cut(augmented, roi, size)
-    else:
-        out = _weak(images, roi, sigma, size)
-    return out
+def _decode_once(jpeg, owner, source, decoder: str, hw_decoder_load: float):
+    """Every sample gets its image's decoded pixels; only the `owner` samples run the decoder."""
+    if owner:
+        decode_args = dict(hw_decoder_load=hw_decoder_load) if decoder == "mixed" else {}
+        images = fn.decoders.image(jpeg, device=decoder, output_type=types.RGB, adjust_orientation=False, **decode_args)
+    else:  # a 1-px stand-in, replaced by permute_batch below
+        placeholder = np.zeros((1, 1, 3), np.uint8)
+        images = types.Constant(placeholder, layout="HWC", device="gpu" if decoder == "mixed" else "cpu")
+    return fn.permute_batch(images, indices=source)
 
 
 @pipeline_def(enable_conditionals=True)
-def multicrop_pipeline(
-    source, local_crops_number: int, global_size: int, local_size: int, decoder: str, hw_decoder_load: float = 0.75
-):
-    """Outputs per image: global crops (4, S, S, 3) uint8, local crops (L, s, s, 3) uint8 (when L > 0), tag.
+def multicrop_pipeline(source, global_size: int, decoder: str, hw_decoder_load: float = 0.75):
+    """Outputs: crops (N, S, S, 3) uint8 (S = global_size; smaller crops padded), tags (N,) int64.
 
-    source: callable returning one batch as the tuple SOURCE_FIELDS (see `MultiCropLoader._feed`).
+    source: callable returning one batch as the tuple SOURCE_FIELDS (see `source_batch`).
     decoder: 'mixed' (GPU) or 'cpu'.
     """
     fields = fn.external_source(source=source, num_outputs=len(SOURCE_FIELDS), batch=True, parallel=False)
     src = {name: fields[i] for i, name in enumerate(SOURCE_FIELDS)}  # no zip(strict=): autograph lacks it
-    decode_args = dict(hw_decoder_load=hw_decoder_load) if decoder == "mixed" else {}
-    images = fn.decoders.image(
-        src["jpeg"], device=decoder, output_type=types.RGB, adjust_orientation=False, **decode_args
-    )
-    crops = [_crop(images, k, global_size if k < 4 else local_size, src, k >= 2) for k in range(4 + local_crops_number)]
-    outputs = [fn.stack(*crops[:4])]
-    if local_crops_number:
-        outputs.append(fn.stack(*crops[4:]))
-    return (*outputs, src["tag"])
+    images = _decode_once(src["jpeg"], src["owner"], src["source"], decoder, hw_decoder_load)
+    layers = [{name: src[f"ra{layer}_{name}"] for name in LAYER_FIELDS} for layer in range(RA_LAYERS)]
+    crops = _resize_window(rand_augment(images, layers), src["roi_start"], src["roi_end"], src["size"])
+    if src["blur"]:
+        crops = fn.gaussian_blur(crops, sigma=src["sigma"])
+    return fn.pad(crops, axis_names="HW", shape=[global_size, global_size]), src["tag"]
 
 
 def build_pipeline(
     source,
     *,
     batch_size: int,
-    local_crops_number: int,
+    crops_per_image: int,
     global_size: int,
-    local_size: int,
     device: torch.device,
     num_threads: int,
     prefetch: int,
     hw_decoder_load: float,
 ):
-    """The built graph for `device` (cuda: 'mixed' decoding and GPU ops; cpu: DALI's CPU-only mode)."""
+    """The built graph for `device` (cuda: 'mixed' decoding and GPU ops; cpu: DALI's CPU-only mode).
+
+    batch_size: images per batch; DALI's batch holds crops_per_image samples per image.
+    """
     on_gpu = device.type == "cuda"
     with _no_origin_tracing():
         pipe = multicrop_pipeline(
             source,
-            local_crops_number,
             global_size,
-            local_size,
             "mixed" if on_gpu else "cpu",
             hw_decoder_load,
-            batch_size=batch_size,
+            batch_size=batch_size * crops_per_image,
             num_threads=num_threads,
             device_id=device.index if on_gpu else None,
             prefetch_queue_depth=prefetch,
@@ -133,7 +147,7 @@ def build_pipeline(
 
 @contextlib.contextmanager
 def _no_origin_tracing():
-    """DALI records a Python stack trace for every operator it defines: ~75% of this graph's build time.
+    """DALI records a Python stack trace for every operator it defines: most of a graph's build time.
 
     The switch is private DALI API: without it the build is slower, never wrong.
     """
@@ -152,14 +166,25 @@ def _no_origin_tracing():
 
 
 def source_batch(jpegs: list, shapes: np.ndarray, plan, tag: int) -> tuple:
-    """One external-source batch (SOURCE_FIELDS) from the JPEGs, their (B, 2) heights and widths, the CropPlan."""
-    per_sample = lambda a: np.ascontiguousarray(np.moveaxis(a, 0, 1))  # (K, B, ...) -> (B, K, ...)
-    ra = ra_arguments(plan.ra_op, plan.ra_bin, plan.ra_sign, shapes[:, 0], shapes[:, 1])
-    return (
-        jpegs,
-        per_sample(plan.roi),
-        per_sample(plan.strong),
-        per_sample(plan.blur),
-        *(per_sample(ra[name]) for name in ("colour", "kernel", "matrix", "kinds")),
-        np.full(len(jpegs), tag, np.int64),
-    )
+    """One external-source batch (SOURCE_FIELDS): sample k * B + b is crop slot k of image b.
+
+    jpegs: the B images' JPEG bytes (uint8 arrays); shapes: their (B, 2) heights and widths; plan: the CropPlan.
+    """
+    num_crops, b = plan.strong.shape
+    n = num_crops * b
+    flat = lambda a: np.ascontiguousarray(a.reshape((n,) + a.shape[2:]))  # (K, B, ...) -> (N, ...)
+    flipped = plan.roi[..., 1] > plan.roi[..., 3]
+    layers = ra_arguments(plan.ra_op, plan.ra_bin, plan.ra_sign, shapes[:, 0], shapes[:, 1], flipped)
+    fields = {
+        "jpeg": list(jpegs) + [_NO_JPEG] * (n - b),
+        "owner": np.arange(n) < b,
+        "source": np.arange(n, dtype=np.int32) % b,
+        "roi_start": flat(plan.roi[..., :2]),
+        "roi_end": flat(plan.roi[..., 2:]),
+        "size": np.repeat(plan.size, b).astype(np.float32)[:, None].repeat(2, 1),
+        "blur": flat(plan.blur > 0),
+        "sigma": flat(plan.blur),
+        **{f"ra{i}_{name}": flat(a) for i, layer in enumerate(layers) for name, a in layer.items()},
+        "tag": np.full(n, tag, np.int64),
+    }
+    return tuple(fields[name] for name in SOURCE_FIELDS)

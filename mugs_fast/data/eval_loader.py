@@ -22,7 +22,7 @@ from nvidia.dali import fn, pipeline_def, types
 
 from mugs_fast.data.beton import BetonError, BetonReader
 from mugs_fast.data.dali_pipeline import _cut, _no_origin_tracing
-from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
+from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, to_device
 from mugs_fast.data.jpeg import BadJpeg, jpeg_size
 
 INVALID = -1  # label of padding rows and undecodable samples
@@ -165,7 +165,7 @@ class EvalLoader:
                 (images,) = self._pipe.run(stream)
                 dense = images.as_tensor()
                 out = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
-                labels = torch.from_numpy(self._fed.popleft()).to(self.device)
+                labels = to_device({"labels": self._fed.popleft()}, self.device)["labels"]
                 yield feed_ndarray(dense, out, cuda_stream=stream), labels
         finally:
             self._drain()

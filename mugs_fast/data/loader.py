@@ -19,14 +19,15 @@ import os
 import warnings
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from mugs_fast.data.beton import BetonReader
-from mugs_fast.data.finish import finish_crops
+from mugs_fast.data.finish import CropFinisher, finish_arrays, to_device
 from mugs_fast.data.jpeg import BadJpeg, jpeg_size
-from mugs_fast.data.params import plan_rng, sample_plan
+from mugs_fast.data.params import CropPlan, plan_rng, sample_plan
 from mugs_fast.data.sampler import EpochSampler
 
 MAX_REPLACEMENT_TRIES = 100
@@ -90,11 +91,12 @@ class MultiCropLoader:
         self.device = default_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.local_crops_number, self.global_size, self.local_size = local_crops_number, global_size, local_size
+        self._finisher = CropFinisher(self.device, self.dtype)
         self._sizes = np.full((len(self.reader), 2), -1, np.int64)  # (height, width) once checked
         self._corrupt: dict[int, str] = {}  # sample index -> why it does not decode
-        self._num_replaced = 0
+        self._num_replaced = 0  # in the batches yielded so far
         self._pending: collections.deque = collections.deque()  # batch numbers still to feed to DALI
-        self._fed: collections.deque = collections.deque()  # what DALI is working on, in feed order
+        self._fed: collections.deque = collections.deque()  # what DALI is working on: _Fed, in feed order
         self._active = None  # weak reference to the running iteration
 
         from mugs_fast.data.dali_pipeline import build_pipeline  # DALI imported only here
@@ -103,9 +105,8 @@ class MultiCropLoader:
         self._pipe = build_pipeline(
             self._feed,
             batch_size=batch_size,
-            local_crops_number=local_crops_number,
+            crops_per_image=4 + local_crops_number,
             global_size=global_size,
-            local_size=local_size,
             device=self.device,
             num_threads=threads,
             prefetch=prefetch,
@@ -139,7 +140,7 @@ class MultiCropLoader:
 
     @property
     def num_replaced(self) -> int:
-        """How many times a batch slot got a replacement for an undecodable sample."""
+        """How many slots of the batches yielded so far held a replacement for an undecodable sample."""
         return self._num_replaced
 
     # --- host side: what each batch holds ---------------------------------------------------------------
@@ -174,13 +175,15 @@ class MultiCropLoader:
             f"replace sample {i} ({len(self._corrupt)} undecodable so far): is the file damaged?"
         )
 
-    def _batch_samples(self, batch: int) -> np.ndarray:
+    def _batch_samples(self, batch: int) -> tuple[np.ndarray, int]:
+        """The sample indices of a batch, undecodable ones replaced, and how many were replaced."""
         indices = self.sampler.batch(batch).copy()
+        replaced = 0
         for slot, i in enumerate(indices):
             if not self._check(int(i)):
                 indices[slot] = self._replacement(int(i))
-                self._num_replaced += 1
-        return indices
+                replaced += 1
+        return indices, replaced
 
     def _feed(self):
         """DALI's external source: the next batch to work on (called by DALI, ahead of time)."""
@@ -189,7 +192,7 @@ class MultiCropLoader:
         from mugs_fast.data.dali_pipeline import source_batch
 
         batch = self._pending.popleft()
-        indices = self._batch_samples(batch)
+        indices, replaced = self._batch_samples(batch)
         sizes = self._sizes[indices]
         s = self.sampler
         plan = sample_plan(
@@ -200,7 +203,7 @@ class MultiCropLoader:
             self.global_size,
             self.local_size,
         )
-        self._fed.append((batch, indices, plan))
+        self._fed.append(_Fed(batch, indices, plan, replaced))
         return source_batch([self.reader[int(i)][0] for i in indices], sizes, plan, batch)
 
     # --- iteration ----------------------------------------------------------------------------------------
@@ -226,19 +229,20 @@ class MultiCropLoader:
         try:
             while s.position < len(s):
                 if s.position in ready:
-                    out = ready.pop(s.position)
+                    out, replaced = ready.pop(s.position)
                     s.position += 1
+                    self._num_replaced += replaced  # counted once, when the batch is seen
                     yield out
                     continue
-                batch, out = self._run_one()
-                if batch is not None:
-                    ready[batch] = out
+                fed, out = self._run_one()
+                if fed is not None:
+                    ready[fed.batch] = out, fed.replaced
         finally:
             self._pending.clear()
             self._drain()
 
     def _run_one(self):
-        """Runs DALI for the oldest batch it was fed: (batch number, output dict), or (None, None)."""
+        """Runs DALI for the oldest batch it was fed: (its _Fed, output dict), or (None, None)."""
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
             outputs = self._pipe.run(stream)
@@ -248,16 +252,15 @@ class MultiCropLoader:
         except RuntimeError as e:
             self._recover(self._fed.popleft(), e)
             return None, None
-        batch, indices, plan = self._fed.popleft()
-        return batch, self._finish(outputs, batch, indices, plan)
+        fed = self._fed.popleft()
+        return fed, self._finish(outputs, fed)
 
     def _recover(self, failed, error: RuntimeError) -> None:
         """DALI could not decode some JPEG of a batch: find it with PIL, mark it, and feed the batch again."""
         from PIL import Image
 
-        batch, indices, _ = failed
         culprits = []
-        for i in indices:
+        for i in failed.indices:
             try:
                 Image.open(io.BytesIO(self.reader[int(i)][0].tobytes())).load()
             except Exception as e:  # noqa: BLE001 - any PIL failure means the bytes do not decode
@@ -266,7 +269,7 @@ class MultiCropLoader:
             raise error
         for i, why in culprits:
             self._mark_corrupt(i, why)
-        self._pending.appendleft(batch)
+        self._pending.appendleft(failed.batch)
 
     def _drain(self) -> None:
         """Lets DALI finish (and drops) what it was fed, so the next epoch starts clean."""
@@ -280,34 +283,51 @@ class MultiCropLoader:
         self._fed.clear()
         self._pipe.reset()
 
-    def _finish(self, outputs, batch: int, indices: np.ndarray, plan) -> dict:
-        """DALI's uint8 crops -> the output dict (normalised, crop-major, dtype) on the device."""
+    def _finish(self, outputs, fed: "_Fed") -> dict:
+        """DALI's uint8 crops -> the output dict (normalised, crop-major, dtype) on the device, without a sync."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        tags = outputs[1].as_array()
+        if not (tags == fed.batch).all():
+            raise RuntimeError(f"DALI returned batch {tags[0]} where {fed.batch} was expected: a loader bug")
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        tags = outputs[-1].as_array()
-        assert (tags == batch).all(), f"DALI returned batch {tags[0]} where {batch} was expected"
+        dense = outputs[0].as_tensor()
+        crops = feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.uint8, device=self.device), stream)
+        b, s = len(fed.indices), self.local_size
+        crops = crops.view(4 + self.local_crops_number, b, *crops.shape[1:])  # (K, B, S, S, 3)
+        on_device = to_device(self._host_arrays(fed), self.device)  # the batch's one host -> device copy
+        params = lambda part: {k.split(".", 1)[1]: v for k, v in on_device.items() if k.startswith(part + ".")}
 
-        def to_torch(tensor_list):
-            dense = tensor_list.as_tensor()
-            out = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
-            return feed_ndarray(dense, out, cuda_stream=stream)
-
-        s, b = self.sampler, len(indices)
-        noise_seed = np.random.SeedSequence([s.seed, s.epoch, s.rank, batch, 1]).generate_state(1)[0]
+        sd = self.sampler
+        noise_seed = np.random.SeedSequence([sd.seed, sd.epoch, sd.rank, fed.batch, 1]).generate_state(1)[0]
         generator = torch.Generator(self.device).manual_seed(int(noise_seed))
-        globals_ = finish_crops(to_torch(outputs[0]), plan, slice(0, 4), generator, self.dtype)
-        if self.local_crops_number:
-            local = finish_crops(to_torch(outputs[1]), plan, slice(4, None), generator, self.dtype)
-        else:
-            local = torch.empty((0, 3, self.local_size, self.local_size), dtype=self.dtype, device=self.device)
-        to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        globals_ = self._finisher(crops[:4], params("global"), generator)
+        local = self._finisher(crops[4:, :, :s, :s], params("local"), generator)
         return {
             "teacher": globals_[: 2 * b],
             "student_global": globals_[2 * b :],
             "student_local": local,
-            "weak": to_device(plan.weak),
-            "label": to_device(self.reader.labels[indices]),
-            "index": to_device(indices.astype(np.int64)),
-            "strong_local": to_device(plan.strong[4:].reshape(-1)),
+            # own storage: views of one buffer as several dtypes could not be saved with torch.save
+            **{key: on_device[key].clone() for key in ("weak", "label", "index", "strong_local")},
         }
+
+    def _host_arrays(self, fed: "_Fed") -> dict[str, np.ndarray]:
+        """The batch's small host arrays: output fields and the finishing parameters of both resolutions."""
+        host = {
+            "weak": fed.plan.weak,
+            "label": self.reader.labels[fed.indices].astype(np.int64),
+            "index": fed.indices.astype(np.int64),
+            "strong_local": fed.plan.strong[4:].reshape(-1),
+        }
+        for part, rows in (("global", slice(0, 4)), ("local", slice(4, None))):
+            host |= {f"{part}.{name}": a for name, a in finish_arrays(fed.plan, rows).items()}
+        return host
+
+
+class _Fed(NamedTuple):
+    """A batch handed to DALI: its number, samples (after replacements), plan, and how many were replaced."""
+
+    batch: int
+    indices: np.ndarray
+    plan: CropPlan
+    replaced: int

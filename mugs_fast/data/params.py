@@ -49,6 +49,7 @@ class CropPlan:
     contrast_shift: np.ndarray  # (K, B) float32 weight of the crop's mean luma added to every channel
     solarize: np.ndarray  # (K, B) bool
     erase: np.ndarray  # (K, B, 4) int32 box top, left, height, width in output pixels; height 0 = none
+    size: np.ndarray  # (K,) int64 side of each slot's square crop in pixels
 
     @property
     def weak(self) -> np.ndarray:
@@ -87,9 +88,9 @@ def sample_plan(
 
     colour, contrast_shift = _colour_jitter(rng, weak)
     ra_op, ra_bin, ra_sign = _rand_augment(rng, strong)
-    sizes = np.array([global_size] * 4 + [local_size] * local_crops_number)[:, None]
-    erase = _erase_boxes(rng, strong, sizes)
-    return CropPlan(roi, strong, ra_op, ra_bin, ra_sign, blur, colour, contrast_shift, solarize, erase)
+    sizes = np.array([global_size] * 4 + [local_size] * local_crops_number)
+    erase = _erase_boxes(rng, strong, sizes[:, None])
+    return CropPlan(roi, strong, ra_op, ra_bin, ra_sign, blur, colour, contrast_shift, solarize, erase, sizes)
 
 
 def _crop_windows(rng, heights, widths, scale) -> np.ndarray:

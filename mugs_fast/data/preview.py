@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Writes the grid. Exit status: 0 done, 1 error (one line on stderr), 2 usage (argparse)."""
     args = build_parser().parse_args(argv)
     try:
         if args.images < 1:
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         render_grid(batch, args.images).save(args.out)
     except (OSError, ValueError, BetonError) as e:  # missing/foreign/truncated file, too few images
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     print(f"wrote {args.out}: {args.images} images x {4 + args.local_crops_number} crops ({args.pipeline})")
     return 0
 

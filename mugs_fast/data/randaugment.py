@@ -1,90 +1,113 @@
 """timm's RandAugment 'rand-m9-mstd0.5-inc1', as the Mugs release configures it, in DALI.
 
 DALI's `auto_aug.rand_augment` differs from it: its op list (no Invert or SolarizeAdd, an extra Identity),
-its magnitude scale (31 bins, one fixed magnitude), no per-op probability; and one branch per op and crop
-made ~3,600 DALI operators for 6 strong-capable crops (Mugs has 12), each with its per-batch overhead. So
-the timm ops are grouped into five kinds, each one DALI branch with per-sample arguments that the host
-computes from the plan (`ra_arguments`): the whole graph has ~1,900 operators for 4 + 10 crops.
+its magnitude scale (31 bins, one fixed magnitude), no per-op probability, and one branch per op. Here the
+timm ops are grouped into six kinds; each RandAugment layer is one DALI branch per kind, run over every crop
+of the batch at once (the crops are the samples of the DALI batch, see `dali_pipeline`), with per-sample
+arguments that the host computes from the plan (`ra_arguments`).
 
     index  timm op                argument at level v (v in [0, 10]; +- = random sign)     kind
     0      AutoContrast           -                                                        autocontrast
     1      Equalize               -    (DALI's formula is OpenCV's; PIL's differs slightly) equalize
-    2      Invert                 -                                                        colour
+    2      Invert                 -                                                        lut
     3      Rotate                 +- 3 v degrees about the centre                          geometric
-    4      PosterizeIncreasing    keep 4 - int(0.4 v) bits                                 colour
-    5      SolarizeIncreasing     invert pixels >= 256 - int(25.6 v)                       colour
-    6      SolarizeAdd            + int(11 v) to pixels < 128                              colour
-    7      ColorIncreasing        blend with luma, factor f = max(0.1, 1 +- 0.09 v)        colour
-    8      ContrastIncreasing     blend with the mean luma, factor f                       colour
-    9      BrightnessIncreasing   scale by f                                               colour
+    4      PosterizeIncreasing    keep 4 - int(0.4 v) bits                                 lut
+    5      SolarizeIncreasing     invert pixels >= 256 - int(25.6 v)                       lut
+    6      SolarizeAdd            + int(11 v) to pixels < 128                              lut
+    7      ColorIncreasing        blend with luma, factor f = max(0.1, 1 +- 0.09 v)        affine
+    8      ContrastIncreasing     blend with the mean luma, factor f                       affine
+    9      BrightnessIncreasing   scale by f                                               affine
     10     SharpnessIncreasing    blend with PIL's SMOOTH filter, factor f                 sharpness
     11,12  ShearX/Y               +- 0.03 v                                                geometric
     13,14  TranslateX/YRel        +- 0.045 v x width / height                              geometric
     15     -: the layer's op was not applied (each op applies with p = 0.5)
 
-Geometric ops use PIL's inverse affine maps (same geometry), bilinear (timm picks bilinear or bicubic at
-random), filling with the release's colour (124, 116, 104) (DALI only fills with a scalar, so the image
-is shifted by the fill colour around the warp). The colour kind evaluates one formula whose per-sample
-coefficients select the op, rounding to uint8 where PIL does; AutoContrast rounds where PIL truncates.
-Sharpness also filters the 1-px border (PIL keeps it). Levels are quantised to 0.1.
+The lut kind is one lookup in a table holding every uint8 map those four ops make at the quantised levels
+(`LUT_TABLES`: 206 tables of 256 entries): a sample picks its table by an offset added to its
+pixels. The affine kind rounds to uint8 where PIL does; AutoContrast rounds where PIL truncates; Sharpness also
+filters the 1-px border (PIL keeps it). Geometric ops use PIL's inverse affine maps (same geometry), bilinear
+(timm picks bilinear or bicubic at random), filling with the release's colour (124, 116, 104) (DALI only fills
+with a scalar, so the image is shifted by the fill colour around the warp). The crop of a flipped slot is cut
+with a mirrored window after RandAugment, where the release flips the image before it: such a slot gets the
+mirror image of the drawn map (M' = F M F, F the flip), which makes the two orders equal op for op. Levels are
+quantised to 0.1.
 """
 
 import numpy as np
 from nvidia.dali import fn, math, types
 
-from mugs_fast.data.params import RA_FILL, RA_IDENTITY, RA_LAYERS
+from mugs_fast.data.params import LEVEL_BINS, RA_FILL, RA_IDENTITY
 
 AUTOCONTRAST, EQUALIZE, INVERT, ROTATE, POSTERIZE, SOLARIZE, SOLARIZE_ADD = range(7)
 COLOR, CONTRAST, BRIGHTNESS, SHARPNESS, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y = range(7, 15)
-# per-sample colour coefficients: weights of x / its luma / its mean luma, solarize threshold (256 = none,
-# 0 = invert), solarize-add amount, posterize mask (255 = none)
-COLOUR_FIELDS = ("alpha", "beta", "gamma", "threshold", "add", "mask")
-KINDS = ("colour", "autocontrast", "sharpness", "equalize", "geometric")
+KIND_OPS = {
+    "affine": (COLOR, CONTRAST, BRIGHTNESS),
+    "lut": (INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD),
+    "autocontrast": (AUTOCONTRAST,),
+    "sharpness": (SHARPNESS,),
+    "equalize": (EQUALIZE,),
+    "geometric": (ROTATE, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y),
+}
+# per-sample fields of one layer: a bool per kind (is the layer's op of that kind), then the kinds' arguments
+LAYER_FIELDS = (*KIND_OPS, "alpha", "beta", "gamma", "lut_offset", "kernel", "matrix")
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13  # PIL's ImageFilter.SMOOTH
 
 
-def ra_arguments(op, level_bin, sign, heights, widths) -> dict:
-    """The DALI arguments of RandAugment layers from the plan's choices.
+def _lut_table(op: int, level: float) -> np.ndarray:
+    """timm's (PIL's) uint8 map of a lut-kind op at `level`, as a (256,) table."""
+    x = np.arange(256)
+    if op == INVERT:
+        return 255 - x
+    if op == POSTERIZE:
+        bits = 4 - int(np.floor((level / 10.0) * 4))
+        return x & (256 - 2 ** (8 - bits))  # keep the top `bits` bits (0 bits: black, as the release)
+    if op == SOLARIZE:
+        return np.where(x < 256 - np.floor((level / 10.0) * 256), x, 255 - x)
+    return np.where(x < 128, np.minimum(255, x + np.floor((level / 10.0) * 110)), x)  # SOLARIZE_ADD
 
-    op, level_bin, sign: (..., RA_LAYERS) int arrays; heights, widths: broadcastable to (...).
-    Returns float32 arrays: colour (..., L, 6), kernel (..., L, 3, 3), matrix (..., L, 2, 3) (destination to
-    source, PIL's convention), and bool kinds (..., L, 5): which of KINDS each layer's op is.
+
+def _lut_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Distinct tables (T, 256) uint8 (table 0: identity) and the table of each (op, level bin) (16, LEVEL_BINS)."""
+    tables = {np.arange(256, dtype=np.uint8).tobytes(): 0}
+    index = np.zeros((RA_IDENTITY + 1, LEVEL_BINS), np.int64)
+    for op in KIND_OPS["lut"]:
+        for level_bin in range(LEVEL_BINS):
+            table = _lut_table(op, level_bin / 10.0).astype(np.uint8).tobytes()
+            index[op, level_bin] = tables.setdefault(table, len(tables))
+    return np.frombuffer(b"".join(tables), np.uint8).reshape(-1, 256), index
+
+
+LUT_TABLES, _LUT_INDEX = _lut_tables()
+
+
+def ra_arguments(op, level_bin, sign, heights, widths, flipped) -> list[dict[str, np.ndarray]]:
+    """The DALI arguments of the RandAugment layers from the plan's choices.
+
+    op, level_bin, sign: (..., RA_LAYERS) int arrays; heights, widths, flipped (the slot's crop is mirrored):
+    broadcastable to (...). Returns one dict per layer, LAYER_FIELDS -> array (...) + field shape: the kind
+    flags (bool), alpha, beta, gamma (float32), lut_offset (uint16), kernel (3, 3) and matrix (2, 3) (float32,
+    destination to source, PIL's convention).
     """
     level = level_bin / 10.0
     signed = np.where(sign == 1, -level, level)
     factor = np.maximum(0.1, 1.0 + (signed / 10.0) * 0.9)
     is_op = lambda *ops: np.isin(np.arange(RA_IDENTITY + 1), ops)[op]  # a 16-entry table, then a gather
-
-    colour = np.zeros(op.shape + (len(COLOUR_FIELDS),))
-    colour[..., 0] = np.where(is_op(COLOR, CONTRAST, BRIGHTNESS), factor, 1.0)
-    colour[..., 1] = np.where(is_op(COLOR), 1.0 - factor, 0.0)
-    colour[..., 2] = np.where(is_op(CONTRAST), 1.0 - factor, 0.0)
-    solarize = 256 - np.minimum(256, np.floor((level / 10.0) * 256))
-    colour[..., 3] = np.where(is_op(INVERT), 0, np.where(is_op(SOLARIZE), solarize, 256))
-    colour[..., 4] = np.where(is_op(SOLARIZE_ADD), np.minimum(128, np.floor((level / 10.0) * 110)), 0)
-    bits = 4 - np.floor((level / 10.0) * 4)
-    colour[..., 5] = np.where(is_op(POSTERIZE), 256 - 2.0 ** (8 - bits), 255)  # keep the top `bits` bits
+    heights, widths, flipped = (np.asarray(a)[..., None] for a in (heights, widths, flipped))
 
     kernel = np.where(is_op(SHARPNESS)[..., None, None], 1.0 - factor[..., None, None], 0.0) * _SMOOTH
     kernel[..., 1, 1] += np.where(is_op(SHARPNESS), factor, 1.0)
-
-    matrix = _affine(op, signed, np.asarray(heights, float)[..., None], np.asarray(widths, float)[..., None])
-    kinds = np.stack(
-        [
-            is_op(INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD, COLOR, CONTRAST, BRIGHTNESS),
-            is_op(AUTOCONTRAST),
-            is_op(SHARPNESS),
-            is_op(EQUALIZE),
-            is_op(ROTATE, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y),
-        ],
-        -1,
-    )
-    return dict(
-        colour=colour.astype(np.float32),
-        kernel=kernel.astype(np.float32),
-        matrix=matrix.reshape(op.shape + (2, 3)).astype(np.float32),
-        kinds=kinds,
-    )
+    matrix = _mirrored(_affine(op, signed, heights.astype(float), widths.astype(float)), widths, flipped)
+    fields = {kind: is_op(*ops) for kind, ops in KIND_OPS.items()}
+    fields |= {
+        "alpha": np.where(is_op(COLOR, CONTRAST, BRIGHTNESS), factor, 1.0).astype(np.float32),
+        "beta": np.where(is_op(COLOR), 1.0 - factor, 0.0).astype(np.float32),
+        "gamma": np.where(is_op(CONTRAST), 1.0 - factor, 0.0).astype(np.float32),
+        "lut_offset": (256 * _LUT_INDEX[op, level_bin]).astype(np.uint16),
+        "kernel": kernel.astype(np.float32),
+        "matrix": matrix.reshape(op.shape + (2, 3)).astype(np.float32),
+    }
+    layer_axis = op.ndim - 1
+    return [{name: np.take(a, layer, axis=layer_axis) for name, a in fields.items()} for layer in range(op.shape[-1])]
 
 
 def _affine(op, signed, heights, widths) -> np.ndarray:
@@ -102,14 +125,26 @@ def _affine(op, signed, heights, widths) -> np.ndarray:
     return m
 
 
-def _colour(x, c):
-    """The colour-kind ops as one formula; c: the COLOUR_FIELDS coefficients of each sample (CPU)."""
-    alpha, beta, gamma, threshold, add, mask = (c[i] for i in range(len(COLOUR_FIELDS)))
+def _mirrored(m, widths, flipped) -> np.ndarray:
+    """F m F where flipped (F: x -> W - x): the map seen through a horizontal flip, e.g. ShearY(s) about the
+    top-left -> (1, 0, 0, -s, 1, s W), Rotate(a) -> Rotate(-a)."""
+    a, b, c, d, e, f = np.moveaxis(m, -1, 0)
+    mirror = np.stack([a, -b, widths * (1 - a) - c, -d, e, d * widths + f], -1)
+    return np.where(flipped[..., None], mirror, m)
+
+
+def _affine_colour(x, alpha, beta, gamma):
+    """Color, Contrast, Brightness: alpha x + beta luma + gamma mean(luma), rounded to uint8 (per-sample scalars)."""
     luma = fn.color_space_conversion(x, image_type=types.RGB, output_type=types.GRAY)  # PIL's 'L'
-    y = fn.cast(alpha * x + beta * luma + gamma * fn.reductions.mean(luma), dtype=types.UINT8)  # rounds, clips
-    y = y ^ ((y >= threshold) * types.Constant(255, types.UINT8))  # solarize, invert: 255 - y = y xor 255
-    y = y + (y < types.Constant(128, types.UINT8)) * fn.cast(add, dtype=types.UINT8)  # solarize-add
-    return y & fn.cast(mask, dtype=types.UINT8)  # posterize
+    return fn.cast(alpha * x + beta * luma + gamma * fn.reductions.mean(luma), dtype=types.UINT8)  # rounds, clips
+
+
+def _lookup(x, offset):
+    """Invert, Posterize, Solarize, SolarizeAdd: the sample's table of LUT_TABLES, chosen by its offset."""
+    keys = x + offset  # uint8 + uint16 -> uint16: 256 * table + value
+    return fn.lookup_table(
+        keys, keys=list(range(LUT_TABLES.size)), values=LUT_TABLES.ravel().tolist(), dtype=types.UINT8
+    )
 
 
 def _autocontrast(x):
@@ -125,22 +160,25 @@ def _warp(x, matrix):
     return fn.cast(fn.warp_affine(x - fill, matrix=matrix, fill_value=0.0) + fill, dtype=types.UINT8)
 
 
-def rand_augment(images, colour, kernel, matrix, kinds):
-    """Applies each sample's RA_LAYERS layers (`ra_arguments` per sample, one row per layer) to a uint8 HWC batch."""
+def rand_augment(images, layers: list[dict]):
+    """Applies RandAugment to a uint8 HWC batch: `layers` holds, per layer, the LAYER_FIELDS of every sample
+    (DataNodes on the CPU, from `ra_arguments`). Each sample runs only the branch of its op's kind."""
     on_device = (lambda node: node.gpu()) if images.device == "gpu" else (lambda node: node)
-    for layer in range(RA_LAYERS):
-        kind = kinds[layer]
-        if kind[0]:
-            images = _colour(images, colour[layer])
-        if kind[1]:
+    for args in layers:
+        if args["affine"]:
+            images = _affine_colour(images, args["alpha"], args["beta"], args["gamma"])
+        if args["lut"]:
+            images = _lookup(images, args["lut_offset"])
+        if args["autocontrast"]:
             images = _autocontrast(images)
-        if kind[2]:
-            images = fn.filter(images, on_device(kernel[layer]), border="clamp")
-        if kind[3]:
+        if args["sharpness"]:
+            images = fn.filter(images, on_device(args["kernel"]), border="clamp")
+        if args["equalize"]:
             images = fn.equalize(images)
-        if kind[4]:
-            images = _warp(images, matrix[layer])
+        if args["geometric"]:
+            images = _warp(images, args["matrix"])
     return images
 
 
 assert RA_IDENTITY == TRANSLATE_Y + 1
+assert LUT_TABLES.size <= 1 << 16  # lookup_table's keys are at most 65535

@@ -10,6 +10,8 @@ sees, in the same order. An epoch has as many images as ImageNet-1k, so schedule
 import numpy as np
 import torch
 
+from mugs_fast.data.finish import to_device
+
 IMAGENET_TRAIN_IMAGES = 1_281_167
 POOL_SIZE = 256
 
@@ -65,7 +67,7 @@ class SyntheticLoader:
         rng = np.random.default_rng([self.seed, self.epoch, batch])
         rows = rng.integers(POOL_SIZE, size=self.batch_size * self.world_size)  # the global batch
         start = self.rank * self.batch_size
-        return torch.from_numpy(rows[start : start + self.batch_size]).to(self.device)
+        return to_device({"rows": rows[start : start + self.batch_size]}, self.device)["rows"]  # no host sync
 
     @staticmethod
     def _crop_major(x: torch.Tensor) -> torch.Tensor:
