@@ -116,8 +116,9 @@ class MugsConfig:
                 raise ValueError(f"{name} must be positive multiples of patch_size {self.patch_size}: {sizes}")
         if self.local_group_knn_top_n > self.local_group_queue_size:
             raise ValueError("local_group_knn_top_n must not exceed local_group_queue_size")
-        if self.warmup_epochs > self.epochs or self.group_warmup_teacher_temp_epochs > self.epochs:
-            raise ValueError("warm-up epochs must not exceed epochs")
+        for name in ("warmup_epochs", "group_warmup_teacher_temp_epochs"):
+            if getattr(self, name) > self.epochs:
+                raise ValueError(f"{name} ({getattr(self, name)}) must not exceed epochs ({self.epochs})")
 
     @property
     def use_instance(self) -> bool:
@@ -260,10 +261,21 @@ def _argparse_kwargs(f: dataclasses.Field, default: Any) -> dict[str, Any]:
     return kwargs
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage errors as one line (not the usage of ~100 flags), exit status 2 as argparse."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+
+
+# flag spellings other launchers use: torch.distributed.launch passes --local-rank since torch 2.0
+_ALIASES = {"local_rank": ("--local-rank",)}
+
+
 def build_parser(base: MugsConfig | None = None) -> argparse.ArgumentParser:
     """Command-line parser with one `--field` per config field (defaults from `base`) plus `--recipe`."""
     base = base or MugsConfig()
-    parser = argparse.ArgumentParser("mugs", allow_abbrev=False, description="Mugs self-supervised pretraining")
+    parser = _OneLineErrors("mugs", allow_abbrev=False, description="Mugs self-supervised pretraining")
     parser.add_argument(
         "--recipe",
         default=base.recipe or None,
@@ -272,7 +284,8 @@ def build_parser(base: MugsConfig | None = None) -> argparse.ArgumentParser:
     )
     for f in dataclasses.fields(MugsConfig):
         if f.name != "recipe":
-            parser.add_argument(f"--{f.name}", **_argparse_kwargs(f, getattr(base, f.name)))
+            flags = (f"--{f.name}", *_ALIASES.get(f.name, ()))
+            parser.add_argument(*flags, **_argparse_kwargs(f, getattr(base, f.name)))
     return parser
 
 
@@ -281,7 +294,7 @@ def parse_config(argv: list[str] | None = None) -> MugsConfig:
 
     An unknown flag, a value of the wrong type or an inconsistent config exits with a one-line usage error.
     """
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = _OneLineErrors("mugs", add_help=False, allow_abbrev=False)
     pre.add_argument("--recipe", choices=sorted(RECIPES))
     known, _ = pre.parse_known_args(argv)
     base = recipe(known.recipe) if known.recipe else MugsConfig()

@@ -114,6 +114,19 @@ def _check_augmentation(cfg: MugsConfig) -> None:
             raise TrainError(f"--{name} {getattr(cfg, name)}: the DALI loader supports only {value} (the release's)")
 
 
+def check_ring_sizes(cfg: MugsConfig, world_size: int) -> None:
+    """Each step writes 2 W B rows into the InfoNCE queues and W B into the memories: refuse, before any work,
+    rings too small to take them (the write would fail at the first step, after the model is built)."""
+    global_batch = cfg.batch_size_per_gpu * world_size
+    rings = dict(instance_queue_size=cfg.use_instance, local_group_queue_size=cfg.use_local_group)
+    for name, used in rings.items():
+        if used and getattr(cfg, name) < 2 * global_batch:
+            raise TrainError(
+                f"--{name} {getattr(cfg, name)} is smaller than the {2 * global_batch} teacher rows of one step "
+                f"(2 views x global batch {global_batch}): raise it or lower --batch_size_per_gpu"
+            )
+
+
 def _train(cfg: MugsConfig, rt: Runtime) -> TrainResult:
     out = Path(cfg.output_dir)
     resume = _existing_checkpoint(cfg, out)
@@ -126,6 +139,7 @@ def _train(cfg: MugsConfig, rt: Runtime) -> TrainResult:
         write_run_info(out, cfg, version, rt.world_size)
 
     loader = build_loader(cfg, rt)
+    check_ring_sizes(cfg, rt.world_size)
     model = build_model(cfg, rt.device)
     optimizer = build_optimizer(cfg, model.student)
     schedules = build_schedules(cfg, len(loader), rt.world_size)

@@ -97,6 +97,7 @@ def test_parse_release_command_line():
     argv = "--local_rank=3 --arch vit_small --use_fp16 false --dist_url env:// --use_prefetcher True".split()
     cfg = parse_config(argv + ["--data_path", "/data/train", "--group_bottleneck_dim", "256"])
     assert cfg.local_rank == 3 and cfg.use_fp16 is False and cfg.data_path == "/data/train"
+    assert parse_config(["--local-rank=2"]).local_rank == 2  # torch.distributed.launch's spelling since torch 2.0
 
 
 @pytest.mark.parametrize(
@@ -111,13 +112,19 @@ def test_parse_release_command_line():
         (["--recipe", "nope"], "argument --recipe: invalid choice"),
         (["--loss_weights", "0", "0", "0"], "loss_weights must be"),
         (["--use_fp16", "true"], "use_fp16 is not supported"),
+        (
+            ["--epochs", "5", "--warmup_epochs", "1", "--group_warmup_teacher_temp_epochs", "30"],
+            "group_warmup_teacher_temp_epochs (30) must not exceed epochs (5)",
+        ),
     ],
 )
 def test_parse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)
     assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1, "a usage error is one line"
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))

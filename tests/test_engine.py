@@ -95,6 +95,7 @@ def test_resuming_with_other_settings_is_refused(beton, tmp_path):
         (dict(synthetic=True), "either --data_path"),
         (dict(batch_size_per_gpu=50), "no full batch"),
         (dict(global_crops_scale=(0.4, 1.0)), "supports only"),
+        (dict(instance_queue_size=7), r"--instance_queue_size 7 is smaller than the \d+ teacher rows"),
     ],
 )
 def test_bad_inputs_are_train_errors(beton, tmp_path, overrides, message):
