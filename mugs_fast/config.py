@@ -94,7 +94,7 @@ class MugsConfig:
     val_path: str = _opt("", "validation data (.beton) for kNN evaluation")
     max_steps: int = _opt(0, "stop after this many optimiser steps in total (0: run all epochs)")
     synthetic: bool = _opt(False, "train on GPU-resident random crops (measures the model alone)")
-    compile: bool = _opt(False, "torch.compile the student and the teacher")
+    compile: bool = _opt(False, "torch.compile the transformer blocks of the student and the teacher")
     log_freq: int = _opt(100, "steps between metric lines")
     checkpoint_minutes: float = _opt(10.0, "also write checkpoint.pth every this many minutes (0: epoch ends only)")
     knn_freq: int = _opt(10, "epochs between kNN evaluations on --val_path (0: only after the last epoch)")

@@ -193,7 +193,7 @@ def _loop(run: Run, start: int, end: int) -> str:
         # logging interval: reads the losses (sync) and stops on a non-finite one
         last = step + 1 == end
         if run.logger.due(step) or last:
-            run.logger.log(step, epoch)
+            run.logger.log(step, epoch, getattr(run.loader, "num_replaced", 0))  # the synthetic loader has none
             _stop_if_nonfinite(run)
 
         # epoch end: kNN every knn_freq epochs, checkpoint, numbered copy every saveckp_freq epochs

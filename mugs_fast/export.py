@@ -13,10 +13,13 @@ writes to DIR:
   export.json                   the timm call, the source checkpoint and its step
 
 The export checks itself: the timm model built by that call gives the teacher's features on a test input.
+The files are written under temporary names and renamed once that check passes: a failed or interrupted export
+leaves no file that looks like a good one.
 """
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,10 @@ from mugs_fast.checkpoint import (
 from mugs_fast.config import MugsConfig
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 from mugs_fast.vit import ARCHS
+
+
+class ExportError(RuntimeError):
+    """The exported backbone does not reproduce the checkpoint's features."""
 
 
 def timm_call(cfg: MugsConfig, file: Path) -> tuple[str, dict[str, Any]]:
@@ -84,11 +91,20 @@ def export(ckpt_path: Path, out: Path, *, checkpoint_key: str = "teacher", verif
         "arch": cfg.arch,
     }
     metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items()}}
-    save_file(plain, safetensors_path, metadata=metadata)
-    torch.save({"state_dict": full}, pth_path)
+    # temporary names keep the suffix: timm picks its loader by the file's suffix
+    tmp = {p: p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}") for p in (safetensors_path, pth_path)}
+    try:
+        save_file(plain, tmp[safetensors_path], metadata=metadata)
+        torch.save({"state_dict": full}, tmp[pth_path])
+        if verify:
+            overlay = {**kwargs["pretrained_cfg_overlay"], "file": str(tmp[safetensors_path])}
+            _verify(ckpt, name, {**kwargs, "pretrained_cfg_overlay": overlay}, checkpoint_key)
+        for path, written in tmp.items():
+            os.replace(written, path)
+    finally:
+        for written in tmp.values():
+            written.unlink(missing_ok=True)
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
-    if verify:
-        _verify(ckpt, name, kwargs, checkpoint_key)
     return info
 
 
@@ -101,7 +117,12 @@ def _verify(ckpt: dict[str, Any], name: str, kwargs: dict[str, Any], checkpoint_
     theirs = timm.create_model(name, **kwargs).eval()
     size = kwargs["pretrained_cfg_overlay"]["input_size"][-1]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(theirs(x), ours.forward_cls(x), rtol=1e-4, atol=1e-4)
+    try:
+        torch.testing.assert_close(theirs(x), ours.forward_cls(x), rtol=1e-4, atol=1e-4)
+    except AssertionError:
+        diff = (theirs(x) - ours.forward_cls(x)).abs().max().item()
+        message = f"timm's {name} gives other features than the checkpoint (max difference {diff:.3g})"
+        raise ExportError(message) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         info = export(args.checkpoint, args.out, checkpoint_key=args.checkpoint_key)
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, ExportError, OSError) as e:
         print(f"mugs-export: error: {e}", file=sys.stderr)
         return 1
     print(f"exported the {info['checkpoint_key']} backbone of {args.checkpoint} (step {info['step']}) to {args.out}")

@@ -156,15 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     from mugs_fast.runtime import cpu_thread_budget
 
     args = build_parser().parse_args(argv)
-    if min(args.k) < 1 or args.batch_size < 1 or args.num_workers < 1:
-        print("mugs-knn: error: --k, --batch_size and --num_workers must be positive", file=sys.stderr)
+    positive = (min(args.k), args.batch_size, args.num_workers, 1 if args.temperature is None else args.temperature)
+    if min(positive) <= 0:
+        print("mugs-knn: error: --k, --batch_size, --num_workers and --temperature must be positive", file=sys.stderr)
         return 1
     try:
         ckpt = load_checkpoint(args.checkpoint)
         cfg = checkpoint_config(ckpt)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backbone = backbone_from_checkpoint(ckpt).to(device)
-        temperature = args.temperature or knn_temperature(cfg.arch)
+        temperature = knn_temperature(cfg.arch) if args.temperature is None else args.temperature
         with cpu_thread_budget(args.num_workers) as loader_threads:
             results = evaluate_knn(
                 backbone,

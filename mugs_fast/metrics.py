@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mugs_fast.config import MugsConfig
-from mugs_fast.distributed import all_reduce_mean
+from mugs_fast.distributed import all_reduce_mean, get_world_size
 
 SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp")
 SHORT_NAMES = {"instance-sup.": "instance", "local-group-sup.": "local-group", "group-sup.": "group"}
@@ -117,16 +117,23 @@ class MetricLogger:
         """Whether the step just done (0-based index) ends a logging interval."""
         return (step + 1) % self.log_freq == 0 and self._count > 0
 
-    def log(self, step: int, epoch: int) -> dict[str, Any] | None:
-        """Closes the interval ending with step `step` (0-based): every rank must call it. Returns the record."""
+    def log(self, step: int, epoch: int, replaced_samples: int = 0) -> dict[str, Any] | None:
+        """Closes the interval ending with step `step` (0-based): every rank must call it. Returns the record.
+
+        replaced_samples: this rank's count of undecodable samples its loader replaced so far (summed over ranks).
+        """
         if self._count == 0:
             return None
-        means = (all_reduce_mean(self._sum) / self._count).tolist()  # host sync: once per interval
+        # one collective and one host sync per interval: the count rides along with the metric means
+        local = torch.cat([self._sum / self._count, self._sum.new_tensor([replaced_samples])])
+        means = all_reduce_mean(local).tolist()
+        replaced = round(means.pop() * get_world_size())
         seconds = time.perf_counter() - self._since
         record: dict[str, Any] = {"step": step + 1, "epoch": epoch, **dict(zip(self._keys, means, strict=True))}
         record.update(self._schedule)
         record["images_per_s"] = self._count * self.global_batch / seconds
         record["data_wait"] = self._data_seconds / seconds
+        record["replaced_samples"] = replaced
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._sum, self._count, self._data_seconds, self._since = None, 0, 0.0, time.perf_counter()
@@ -189,4 +196,6 @@ def format_record(r: dict[str, Any], total_steps: int) -> str:
     )
     if "peak_mem_gib" in r:
         line += f" | peak mem {r['peak_mem_gib']:.1f} GiB"
+    if r.get("replaced_samples"):
+        line += f" | {r['replaced_samples']} undecodable samples replaced"
     return line

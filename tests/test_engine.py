@@ -32,7 +32,8 @@ def test_a_few_steps_write_metrics_config_and_checkpoint(beton, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3]
     keys = {"loss", "instance-sup.", "local-group-sup.", "group-sup.", "lr", "wd", "momentum", "teacher_temp"}
-    assert keys | {"images_per_s", "data_wait"} <= set(records[0])
+    assert keys | {"images_per_s", "data_wait", "replaced_samples"} <= set(records[0])
+    assert records[0]["replaced_samples"] == 0
     assert all(0 < r["loss"] < 20 and 0 <= r["data_wait"] <= 1 for r in records)
 
     assert json.loads((out / "config.json").read_text())["data_path"] == str(beton)

@@ -7,9 +7,9 @@ import timm
 import torch
 from mugs_testing import small_cfg
 
-from mugs_fast.checkpoint import atomic_save
+from mugs_fast.checkpoint import atomic_save, backbone_from_checkpoint
 from mugs_fast.config import recipe
-from mugs_fast.export import export, main, timm_call
+from mugs_fast.export import ExportError, export, main, timm_call
 from mugs_fast.mugs import Mugs
 from mugs_fast.vit import build_backbone
 
@@ -103,3 +103,17 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path / "bad.pth"), "--out", str(tmp_path / "out2")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mugs-export: error:") and err.count("\n") == 1
+
+
+def test_a_backbone_that_timm_does_not_reproduce_leaves_no_files(tmp_path, monkeypatch, capsys):
+    ckpt, _ = _checkpoint(tmp_path, small_cfg(**SMALL_HEADS))
+    wrong = backbone_from_checkpoint(torch.load(ckpt, weights_only=True))
+    _perturb(wrong)
+    monkeypatch.setattr("mugs_fast.export.backbone_from_checkpoint", lambda *args, **kwargs: wrong)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="other features than the checkpoint"):
+        export(ckpt, out)
+    assert list(out.iterdir()) == []  # neither the files nor their temporaries
+    assert main([str(ckpt), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mugs-export: error: timm's vit_tiny_patch16_224") and err.count("\n") == 1

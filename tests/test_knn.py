@@ -82,16 +82,19 @@ def test_cli_writes_results(tiny_run, tmp_path, capsys):
     assert "k=3" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("problem", ["missing_checkpoint", "not_a_checkpoint", "missing_beton"])
+@pytest.mark.parametrize("problem", ["missing_checkpoint", "not_a_checkpoint", "missing_beton", "temperature_0"])
 def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, problem):
     ckpt, train_beton, val_beton = tiny_run
+    extra = []
     if problem == "missing_checkpoint":
         ckpt = tmp_path / "nope.pth"
     elif problem == "not_a_checkpoint":
         ckpt = tmp_path / "garbage.pth"
         ckpt.write_bytes(b"not a zip file")
-    else:
+    elif problem == "missing_beton":
         val_beton = tmp_path / "nope.beton"
-    assert main([str(ckpt), "--train", str(train_beton), "--val", str(val_beton)]) == 1
+    else:
+        extra = ["--temperature", "0"]
+    assert main([str(ckpt), "--train", str(train_beton), "--val", str(val_beton), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mugs-knn: error:") and err.count("\n") == 1 and "Traceback" not in err

@@ -28,14 +28,17 @@ def test_log_averages_the_interval_and_writes_a_json_line(tmp_path, capsys):
         assert logger.due(step) == (step == 2)
     record = logger.log(2, epoch=0)
     logger.step(_metrics(10.0), data_seconds=0.0)
-    second = logger.log(3, epoch=1)
+    second = logger.log(3, epoch=1, replaced_samples=2)
     logger.close()
     assert record["loss"] == 3.0 and record["instance-sup."] == 6.0 and record["step"] == 3 and record["lr"] == 1e-3
     assert second["loss"] == 10.0 and second["epoch"] == 1
+    assert (record["replaced_samples"], second["replaced_samples"]) == (0, 2)
     assert record["images_per_s"] > 0 and 0 <= record["data_wait"] <= 1 and "peak_mem_gib" not in record
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [3, 4]
-    assert "step 3/7 epoch 0 | loss 3.0000 (instance 6.0000)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step 3/7 epoch 0 | loss 3.0000 (instance 6.0000)" in out
+    assert out.count("undecodable samples replaced") == 1 and "| 2 undecodable samples replaced" in out
 
 
 def test_disabled_logger_writes_nothing(tmp_path):

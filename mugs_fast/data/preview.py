@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="dali",
         help="the DALI loader or the release's PIL pipeline",
     )
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument(
+        "--device", default=None, help="cuda or cpu (default: dali on cuda when available, reference on cpu)"
+    )
     return p
 
 
