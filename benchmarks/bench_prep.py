@@ -4,7 +4,8 @@
 
 Generates the input on the fly (photo-like content, 360-440 x 300-400 px, JPEG quality 95: ~110 KB each, as
 ImageNet's train set averages), converts it as for training (longer side <= 512, quality 90) and appends one
-JSON record per run to benchmarks/results/bench_prep.json: machine, versions, date and system load (wall-clock
+JSON record per run to benchmarks/results/bench_prep.json (replacing an earlier record of the same machine,
+settings and number of images): machine, versions, date and system load (wall-clock
 rates are only as good as the machine was quiet; images per CPU-second suffer less from a busy machine).
 --ffcv also times ffcv's own DatasetWriter on the same files (decode with PIL, no validation pass).
 """
@@ -158,9 +159,11 @@ def run(args) -> dict:
 
 
 def save(record: dict, path: Path) -> None:
-    records = (json.loads(path.read_text()) if path.exists() else []) + [record]
+    """Appends the record, replacing an earlier one of the same machine, settings and input size."""
+    key = lambda r: json.dumps([r["machine"], r["settings"], r["input"]["images"]], sort_keys=True)
+    old = json.loads(path.read_text()) if path.exists() else []
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=1) + "\n")
+    path.write_text(json.dumps([r for r in old if key(r) != key(record)] + [record], indent=1) + "\n")
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,8 @@ from _fixtures import write_beton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_loader  # noqa: E402
+import bench_prep  # noqa: E402
 import bench_step  # noqa: E402
 import readme_results  # noqa: E402
 import step_profile  # noqa: E402
@@ -276,3 +278,27 @@ def test_bench_step_quick_on_gpu_profiles_and_counts_syncs(tmp_path):
     assert {"GEMM", "InfoNCE", "top-k", "GPU idle"} <= set(profiles["model_only"]["categories"])
     assert "data (DALI)" in profiles["end_to_end"]["categories"]
     assert (out / "profile_step_vit_tiny.md").read_text().startswith("### vit_tiny, B = 5, model only")
+
+
+# ---- result files: a re-run replaces its own earlier record, and only that ----
+
+
+def test_bench_prep_save_replaces_the_record_of_the_same_run(tmp_path):
+    path = tmp_path / "bench_prep.json"
+    record = lambda images, rate: dict(
+        machine={"cpu": "X", "usable_cores": 2}, settings={"jpeg_quality": 90}, input={"images": images}, rate=rate
+    )
+    for r in (record(480, 1.0), record(96, 2.0), record(480, 3.0)):
+        bench_prep.save(r, path)
+    assert [(r["input"]["images"], r["rate"]) for r in json.loads(path.read_text())] == [(96, 2.0), (480, 3.0)]
+
+
+def test_bench_loader_save_replaces_the_record_of_the_same_run(tmp_path):
+    path = tmp_path / "bench_loader.json"
+    record = lambda pipeline, batch, rate: dict(
+        pipeline=pipeline, device="X", cpu_cores=2, batch_size=batch, input={"images": 8}, img_s=rate
+    )
+    bench_loader.save([record("dali-cpu", 16, 1.0), record("reference", 16, 2.0)], path)
+    bench_loader.save([record("dali-cpu", 16, 3.0), record("dali-cpu", 32, 4.0)], path)
+    runs = [(r["pipeline"], r["batch_size"], r["img_s"]) for r in json.loads(path.read_text())]
+    assert runs == [("reference", 16, 2.0), ("dali-cpu", 16, 3.0), ("dali-cpu", 32, 4.0)]
