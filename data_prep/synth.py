@@ -1,9 +1,12 @@
 """`synth DST_DIR`: the built-in dataset, DST_DIR/{train,val}/<class>/<image>.jpg, deterministic from a seed.
 
-Each class is a texture pattern (stripes, checkers, dots, rings, ...) filling a random shape over a gradient
-background. Everything else is random and drawn the same way for every class: the pattern's two colours,
-period, rotation and offset, the shape, position and size, the background colours, the noise, the image size.
-Colour therefore carries no class signal; the pattern's geometry does, which a network has to learn.
+Each class is a texture pattern (stripes, checkers, dots, rings, ...) filling a large random shape or the whole
+image, with periods of 1/9 to 1/4 of the image side: coarse enough that a crop of a quarter of the image, at
+32 px, still shows the pattern. Everything else is random and drawn the same way for every class: the
+pattern's orientation, period and offset, the shape, the colours, the noise, the image size. The colours are
+smooth random fields (a dark one and a light one for the pattern, a third for the background), so they change
+across an image: colour tells neither the class nor, reliably, which image a crop came from; the pattern's
+geometry does, which a network has to learn. The dark/light split keeps every image high-contrast.
 """
 
 import ctypes
@@ -101,23 +104,33 @@ def class_names(num_classes: int) -> list[str]:
     return [f"{i:02d}_{name}" for i, name in enumerate(list(PATTERNS)[:num_classes])]
 
 
+def _colour_field(rng: np.random.Generator, h: int, w: int, low: float, high: float) -> np.ndarray:
+    """(3, H, W) float32 colours, each channel uniform in [low, high) on a random 3x3 grid, smoothly upsampled."""
+    grid = rng.uniform(low, high, size=(3, 3, 3)).astype(np.float32)  # (channel, gy, gx)
+    return np.stack([np.asarray(Image.fromarray(g).resize((w, h), Image.Resampling.BILINEAR)) for g in grid])
+
+
 def render(rng: np.random.Generator, label: int, min_size: int, max_size: int) -> np.ndarray:
     """One (H, W, 3) uint8 image of class `label`; H and W uniform in [min_size, max_size].
 
-    float32 throughout (scalars as Python floats, which do not promote), colour planes channel-first: about
-    2 ms of one core for a 192-px image.
+    The pattern of the class fills a large random shape (or the whole image): periods of 1/9 to 1/4 of the
+    image side, so a crop of a quarter of the image still shows a few of them at 32 px. Its two colours are
+    a dark and a light smooth random colour field (3x3 control points each), so the colour changes across the
+    image and two crops of one image need not share a colour: what they share is the pattern's geometry. The
+    background outside the shape is a third, mid-grey-centred colour field. float32 throughout, colour
+    planes channel-first: a few ms of one core for a 192-px image.
     """
     h, w = (int(s) for s in rng.integers(min_size, max_size + 1, size=2))
     y, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)  # (H, 1), (W,)
     angle = rng.uniform(0, TAU)
     cos, sin = float(np.cos(angle)), float(np.sin(angle))
-    cy, cx = rng.uniform(0.25, 0.75) * h, rng.uniform(0.25, 0.75) * w
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
     u = (x - cx) * cos + (y - cy) * sin  # (H, W) pattern coordinates: centred on (cx, cy), rotated
     v = (y - cy) * cos - (x - cx) * sin
-    period = rng.uniform(0.05, 0.13) * min(h, w)
+    period = rng.uniform(0.11, 0.25) * min(h, w)
     pattern = list(PATTERNS.values())[label](u, v, period, rng)
 
-    a, b = rng.uniform(0.22, 0.48) * w, rng.uniform(0.22, 0.48) * h  # the shape's half-extents
+    a, b = rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h  # the shape's half-extents: most of the image
     kind = rng.integers(3)
     if kind == 0:  # ellipse
         mask = _soft(1 - ((x - cx) / a) ** 2 - ((y - cy) / b) ** 2, 0.1)
@@ -126,15 +139,15 @@ def render(rng: np.random.Generator, label: int, min_size: int, max_size: int) -
     else:  # the whole image
         mask = np.ones_like(u)
 
-    # colours: channel-first (3, H, W) planes, much faster in numpy than a broadcast over a last axis of 3
-    c1, c2, bg0, bg1 = rng.uniform(0, 255, size=(4, 3, 1, 1)).astype(np.float32)
-    ramp = np.clip((x * sin + y * cos) / max(h, w) + 0.5, 0, 1)  # background gradient, another direction
-    img = bg0 + (bg1 - bg0) * ramp  # (3, H, W)
+    # dark and light fields at least 40 apart in every channel: the pattern never fades into its background
+    dark, light = _colour_field(rng, h, w, 0, 105), _colour_field(rng, h, w, 145, 255)
+    c1, c2 = (dark, light) if rng.random() < 0.5 else (light, dark)
+    img = _colour_field(rng, h, w, 40, 215)  # (3, H, W) background
     fill = c1 + (c2 - c1) * pattern
     fill -= img
     fill *= mask
     img += fill  # background where mask = 0, pattern where mask = 1
-    img += rng.standard_normal((h, w), dtype=np.float32) * rng.uniform(0, 12)
+    img += rng.standard_normal((h, w), dtype=np.float32) * rng.uniform(0, 10)
     return np.clip(img, 0, 255).astype(np.uint8).transpose(1, 2, 0)  # (H, W, 3)
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 from prep_testing import assert_one_line_error, run_prep
 
 from data_prep import PrepError
-from data_prep.synth import PATTERNS, write_dataset
+from data_prep.synth import PATTERNS, render, write_dataset
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -60,6 +60,15 @@ def test_mean_colour_does_not_tell_the_classes_apart(tmp_path):
     pred = np.argmin(((x_val[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     accuracy = (pred == y_val).mean()
     assert accuracy < 0.2, accuracy  # chance is 0.1; a colour-coded class would score near 1
+
+
+def test_every_image_shows_its_pattern():
+    """No near-blank image: the luma of every image spreads widely (the pattern's dark and light fields)."""
+    for label in range(len(PATTERNS)):
+        for i in range(6):
+            img = render(np.random.default_rng([7, label, i]), label, 61, 97)
+            luma = img.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # (H, W)
+            assert np.percentile(luma, 90) - np.percentile(luma, 10) > 60, (label, i)
 
 
 def test_existing_split_is_kept_unless_overwrite(tmp_path):
