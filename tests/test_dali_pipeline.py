@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mugs_fast.data import params
-from mugs_fast.data.dali_pipeline import SOURCE_FIELDS, _no_origin_tracing, multicrop_pipeline, source_batch
+from mugs_fast.data.dali_pipeline import SOURCE_FIELDS, multicrop_pipeline, no_origin_tracing, source_batch
 from mugs_fast.data.randaugment import KIND_OPS
 
 B, L = 3, 5
@@ -45,7 +45,7 @@ def test_rand_augment_arguments_follow_the_plan(batch):
 
 def define_gpu_graph(local_crops_number: int):
     """The 'mixed' (GPU) graph, defined but not built: Python-level checks of every operator's arguments."""
-    with _no_origin_tracing():
+    with no_origin_tracing():
         pipe = multicrop_pipeline(
             lambda: None, 32, "mixed", 0.75, batch_size=(4 + local_crops_number) * B, num_threads=1, device_id=0
         )

@@ -80,7 +80,7 @@ def _resize_window(images, roi_start, roi_end, size):
     )
 
 
-def _cut(images, roi, size: int):
+def cut_window(images, roi, size: int):
     """The window roi (y0, x0, y1, x1 in pixels; per sample) of each image, resampled to size x size."""
     return _resize_window(images, roi[0:2], roi[2:4], [size, size])
 
@@ -129,7 +129,7 @@ def build_pipeline(
     batch_size: images per batch; DALI's batch holds crops_per_image samples per image.
     """
     on_gpu = device.type == "cuda"
-    with _no_origin_tracing():
+    with no_origin_tracing():
         pipe = multicrop_pipeline(
             source,
             global_size,
@@ -146,7 +146,7 @@ def build_pipeline(
 
 
 @contextlib.contextmanager
-def _no_origin_tracing():
+def no_origin_tracing():
     """DALI records a Python stack trace for every operator it defines: most of a graph's build time.
 
     The switch is private DALI API: without it the build is slower, never wrong.

@@ -21,7 +21,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from mugs_fast.data.beton import BetonError, BetonReader
-from mugs_fast.data.dali_pipeline import _cut, _no_origin_tracing
+from mugs_fast.data.dali_pipeline import cut_window, no_origin_tracing
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, to_device
 from mugs_fast.data.jpeg import BadJpeg, jpeg_size
 
@@ -64,7 +64,7 @@ def _eval_pipeline(source, crop_size: int, decoder: str):
     jpegs, windows = fn.external_source(source=source, num_outputs=2, batch=True, parallel=False)
     images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
     return fn.crop_mirror_normalize(
-        _cut(images, windows, crop_size),
+        cut_window(images, windows, crop_size),
         mean=[255 * m for m in IMAGENET_MEAN],
         std=[255 * s for s in IMAGENET_STD],
         output_layout="CHW",
@@ -106,7 +106,7 @@ class EvalLoader:
         self._pending: collections.deque = collections.deque()  # batches (indices, real) not yet fed to DALI
         self._fed: collections.deque = collections.deque()  # labels of the batches DALI is working on
         on_gpu = self.device.type == "cuda"
-        with _no_origin_tracing():
+        with no_origin_tracing():
             self._pipe = _eval_pipeline(
                 self._feed,
                 crop_size,
