@@ -117,10 +117,11 @@ def _verify(ckpt: dict[str, Any], name: str, kwargs: dict[str, Any], checkpoint_
     theirs = timm.create_model(name, **kwargs).eval()
     size = kwargs["pretrained_cfg_overlay"]["input_size"][-1]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    theirs_features, our_features = theirs(x), ours.forward_cls(x)
     try:
-        torch.testing.assert_close(theirs(x), ours.forward_cls(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(theirs_features, our_features, rtol=1e-4, atol=1e-4)
     except AssertionError:
-        diff = (theirs(x) - ours.forward_cls(x)).abs().max().item()
+        diff = (theirs_features - our_features).abs().max().item()
         message = f"timm's {name} gives other features than the checkpoint (max difference {diff:.3g})"
         raise ExportError(message) from None
 

@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     from mugs_fast.runtime import cpu_thread_budget
 
     args = build_parser().parse_args(argv)
-    positive = (min(args.k), args.batch_size, args.num_workers, 1 if args.temperature is None else args.temperature)
-    if min(positive) <= 0:
+    bad_temperature = args.temperature is not None and args.temperature <= 0
+    if min(args.k) < 1 or args.batch_size < 1 or args.num_workers < 1 or bad_temperature:
         print("mugs-knn: error: --k, --batch_size, --num_workers and --temperature must be positive", file=sys.stderr)
         return 1
     try:
