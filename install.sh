@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Sets up mugs-fast on a fresh Debian/Ubuntu machine (root or sudo): the system packages that ffcv's
-# build needs, then a virtual environment in .venv holding the package and its dependencies from PyPI.
-#   bash install.sh          # the package
-#   bash install.sh --dev    # the package and the test tools (pytest, ruff)
+# build needs, then a virtual environment holding the package and its dependencies from PyPI, at the versions
+# the test suite passed on (requirements/*.txt, pip constraints).
+#   bash install.sh                        # the package, in .venv (requirements/tested.txt)
+#   bash install.sh --dev                  # the package and the test tools (pytest, ruff)
+#   bash install.sh --dev --gpu-machine    # in .venv-gpu-machine: the GPU check machine's torch 2.11 / triton 3.6
+#                                          # (requirements/gpu-machine.txt), to meet those versions here first
 set -euo pipefail
 cd "$(dirname "$0")"
 
-extras=""
-case "${1:-}" in
-  "") ;;
-  --dev) extras="[dev]" ;;
-  *) echo "usage: bash install.sh [--dev]" >&2; exit 2 ;;
-esac
+extras="" venv=".venv" lock="requirements/tested.txt"
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras="[dev]" ;;
+    --gpu-machine) venv=".venv-gpu-machine" lock="requirements/gpu-machine.txt" ;;
+    *) echo "usage: bash install.sh [--dev] [--gpu-machine]" >&2; exit 2 ;;
+  esac
+done
 
 sudo=""
 [[ $(id -u) -ne 0 ]] && sudo="sudo"
@@ -23,8 +28,9 @@ if ! dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 
-[[ -x .venv/bin/python ]] || python3 -m venv .venv
-echo "== pip: mugs-fast${extras} into .venv (first time: ~6 GB, a few minutes)"
-.venv/bin/python -m pip install -q -U pip
-.venv/bin/python -m pip install -q -e ".${extras}"
-.venv/bin/python -c "import torch, timm, nvidia.dali, ffcv; print('== ready: torch', torch.__version__, '| CUDA available:', torch.cuda.is_available())"
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+echo "== pip: mugs-fast${extras} into $venv, versions from $lock (first time: ~6 GB, a few minutes)"
+"$venv/bin/python" -m pip install -q -U pip
+"$venv/bin/python" -m pip install -q -c "$lock" -e ".${extras}"
+"$venv/bin/python" -c "import torch, triton, timm, nvidia.dali, ffcv; print('== ready: torch', torch.__version__, \
+'| triton', triton.__version__, '| timm', timm.__version__, '| CUDA available:', torch.cuda.is_available())"

@@ -31,6 +31,29 @@ def triton_gpu_ready() -> bool:
     return True
 
 
+def _patch_old_interpreter() -> None:
+    """Let triton < 3.7's interpreter take loops over run-time bounds (`range(0, D, BLOCK_D)`) under numpy >= 2.4.
+
+    That interpreter holds scalars as 1-element arrays and converts them with `int(array)`, which numpy 2.4 refuses
+    for arrays of one dimension; triton 3.7 squeezes first, and this does the same. Compiled kernels are untouched.
+    """
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if version >= (3, 7) or not interpreting():
+        return
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_squeezing(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_squeezing
+
+
+_patch_old_interpreter()
+
+
 def kernel_mode() -> str:
     mode = os.environ.get("MUGS_KERNELS", "auto").strip().lower() or "auto"
     if mode not in MODES:

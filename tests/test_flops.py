@@ -69,13 +69,11 @@ def test_switched_off_supervisions_cost_nothing():
     assert no_local_group["losses"] == 3 * (2 * (2 * 10 * 4 + 4 * 4) + 2 * (2 * 2 * 5))
 
 
-def student_attention_flops(cfg) -> int:
-    """Forward FLOPs of QK^T and AV in the student per image (flash attention recomputes QK^T in backward)."""
+def attention_flops(cfg, crop_sizes: list[int]) -> int:
+    """Forward FLOPs of QK^T and AV per image: the backbone over crops of these sizes, plus the relation block."""
     dim, _, _ = ARCHS[cfg.arch]
-    patches = [(cfg.global_crop_size // cfg.patch_size) ** 2] * 2
-    patches += [(cfg.size_crops[0] // cfg.patch_size) ** 2] * cfg.local_crops_number
-    tokens = [p + 1 for p in patches]
     relation = 4 * (1 + cfg.local_group_knn_top_n) ** 2 * dim
+    tokens = [(size // cfg.patch_size) ** 2 + 1 for size in crop_sizes]
     return sum(cfg.depth * 4 * n * n * dim + relation for n in tokens)
 
 
@@ -87,7 +85,15 @@ def test_agrees_with_torch_flop_counter_on_a_real_step(loss_weights):
     optimizer, schedules = build_optimizer(cfg, model.student), build_schedules(cfg, 3)
     with FlopCounterMode(display=False) as counter:
         train_step(model, optimizer, schedules, batch, 3)
-    # PyTorch counts the backward of attention with its recomputation of QK^T (half the forward's attention)
-    recompute = student_attention_flops(cfg) // 2
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    counted_attention = sum(n for op, n in counts.items() if "scaled_dot_product" in op)
     images = cfg.batch_size_per_gpu
-    assert counter.get_total_flops() == images * (step_flops_per_image(cfg)["total"] + recompute)
+    student = attention_flops(cfg, [cfg.global_crop_size] * 2 + [cfg.size_crops[0]] * cfg.local_crops_number)
+    teacher = attention_flops(cfg, [cfg.global_crop_size] * 2)
+    ours_attention = images * (teacher + 3 * student)  # forward, and a backward of twice the forward
+    # Every matrix product and convolution outside attention: exactly our count.
+    assert sum(counts.values()) - counted_attention == images * step_flops_per_image(cfg)["total"] - ours_attention
+    # Attention: whether and how PyTorch counts its fused kernels differs between releases and devices (none on CPU
+    # in torch 2.11-2.14; with flash attention's recomputation of QK^T in backward, half the student's forward, in
+    # others), so each accounting that a release uses is accepted, exactly.
+    assert counted_attention in (0, ours_attention, ours_attention + images * student // 2)
