@@ -56,7 +56,8 @@ def test_reference_matches_float64():
         sims, idx = kernels.topk_cosine_ref(queries.to(dtype), memory.to(dtype), 4)
         expected = exact.topk(4, dim=1)
         torch.testing.assert_close(sims.double(), expected.values, atol=atol, rtol=0)
-        assert torch.equal(idx, expected.indices)
+        # the rows found are the best ones (their exact cosines are the top-k); near-ties may come in either order
+        torch.testing.assert_close(exact.gather(1, idx), expected.values, atol=atol, rtol=0)
         assert sims.dtype == torch.promote_types(dtype, torch.float32)
 
 
@@ -71,9 +72,9 @@ def test_reference_n_valid_searches_the_first_rows_only():
 def test_torch_path_chunks_match_the_reference():
     queries, memory = torch.randn(23, 12), make_memory(50, 12, duplicates=False)
     sims, idx = op._topk_cosine_torch(queries, memory, 5, n_valid=41, chunk_elems=41 * 4)  # 6 blocks of 4 queries
-    ref_sims, ref_idx = kernels.topk_cosine_ref(queries, memory, 5, n_valid=41)
+    ref_sims, _ = kernels.topk_cosine_ref(queries, memory, 5, n_valid=41)
     torch.testing.assert_close(sims, ref_sims)
-    assert torch.equal(idx, ref_idx)
+    check_topk(sims, idx, queries, memory, 5, 41, atol=1e-6)  # indices: any order of near-ties is right
 
 
 # ---------------------------------------------------------------- Triton kernel
