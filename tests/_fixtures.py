@@ -46,6 +46,26 @@ def undefined_quant_table(jpeg: bytes) -> bytes:
     return bytes(data)
 
 
+def _scan_middle(jpeg: bytes) -> int:
+    """The offset halfway through the entropy-coded data of a baseline JPEG (after the scan header)."""
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2 : sos + 4], "big")
+    return (start + len(jpeg)) // 2
+
+
+def overwritten_scan(jpeg: bytes, length: int = 32) -> bytes:
+    """The JPEG with `length` bytes in the middle of its entropy-coded data zeroed: every marker, the frame size
+    and the end are intact, so the header check passes it; decoders fill the damage in, libjpeg with a warning."""
+    middle = _scan_middle(jpeg)
+    assert middle + length < len(jpeg) - 2, "an image with more entropy-coded data is needed"
+    return jpeg[:middle] + bytes(length) + jpeg[middle + length :]
+
+
+def truncated_scan(jpeg: bytes) -> bytes:
+    """The JPEG cut in the middle of its entropy-coded data, the end-of-image marker put back after the cut."""
+    return jpeg[: _scan_middle(jpeg)] + b"\xff\xd9"
+
+
 LOADER_ARGS = dict(local_crops_number=10, device="cpu", global_size=32, local_size=16, seed=7)
 
 

@@ -1,14 +1,16 @@
 """mugs_fast.data.eval_loader: torchvision's Resize -> CenterCrop -> Normalize, file order, rank shares."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from _fixtures import encode_jpeg, write_beton
+from _fixtures import encode_jpeg, overwritten_scan, truncated_scan, undefined_quant_table, write_beton
 from PIL import Image
 from torchvision import transforms
 
+from data_prep.synth import render
 from mugs_fast.data.beton import BetonReader
 from mugs_fast.data.eval_loader import INVALID, EvalLoader, centre_windows, resize_for, shard
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
@@ -84,6 +86,24 @@ def test_undecodable_sample_is_left_out(tmp_path):
     with pytest.warns(RuntimeWarning, match="sample 2 is left out"):
         labels = torch.cat([y for _, y in EvalLoader(path, 4, crop_size=CROP, device="cpu", num_threads=1)])
     assert labels[2] == INVALID and (labels[[0, 1, 3, 4, 5, 6]] >= 0).all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_damage_inside_the_scan_is_left_out_and_named_once(tmp_path, device):
+    """Damage behind intact markers passes the header check and DALI's decoders: the strict decode finds it (and
+    a sample DALI refuses, which would otherwise stop the pass)."""
+    good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
+    corrupt = {1: overwritten_scan(good), 4: truncated_scan(good), 5: undefined_quant_table(good)}
+    path = write_beton(tmp_path / "damaged.beton", 9, corrupt=corrupt)
+    loader = EvalLoader(path, 4, crop_size=CROP, device=device, num_threads=1)
+    with pytest.warns(RuntimeWarning) as caught:
+        labels = torch.cat([y.cpu() for _, y in loader])
+    assert sorted(loader.corrupt_samples) == [1, 4, 5] and len(caught) == 3
+    assert "sample 4 is left out (Corrupt JPEG data: premature end" in " ".join(str(w.message) for w in caught)
+    assert (labels[[1, 4, 5]] == INVALID).all() and (labels[[0, 2, 3, 6, 7, 8]] >= 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # known now: left out again without a new warning
+        assert torch.equal(torch.cat([y.cpu() for _, y in loader]), labels)
 
 
 def test_missing_file_is_an_error(tmp_path):

@@ -1,11 +1,11 @@
-"""The loader's cheap JPEG header check: sizes of valid files, reasons for broken ones."""
+"""The loaders' JPEG checks: sizes of valid files, reasons for broken ones (header check, strict decode)."""
 
 import numpy as np
 import pytest
-from _fixtures import encode_jpeg
+from _fixtures import encode_jpeg, overwritten_scan, truncated_scan, undefined_quant_table
 
 from data_prep.synth import render
-from mugs_fast.data.jpeg import TRAILING_BYTES, BadJpeg, jpeg_size
+from mugs_fast.data.jpeg import TRAILING_BYTES, BadJpeg, check_jpeg, jpeg_size
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +51,28 @@ def test_frame_header_with_zero_size(jpeg):
     data[sof + 5 : sof + 7] = b"\x00\x00"  # height 0
     with pytest.raises(BadJpeg, match="frame header with size 0x"):
         check(bytes(data))
+
+
+@pytest.mark.parametrize("trailer", [b"", b"\x00" * 7 + b"vendor trailer"])
+def test_strict_decode_accepts_a_valid_jpeg(jpeg, trailer):
+    assert check_jpeg(np.frombuffer(jpeg + trailer, np.uint8)) == check(jpeg)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (overwritten_scan, "Corrupt JPEG data: .* extraneous bytes"),
+        (truncated_scan, "Corrupt JPEG data: premature end of data segment"),
+        (undefined_quant_table, "Quantization table 0x03 was not defined"),
+    ],
+)
+def test_damage_behind_intact_markers_fails_the_strict_decode_only(jpeg, damage, message):
+    data = np.frombuffer(damage(jpeg), np.uint8)
+    assert jpeg_size(data) == check_jpeg(data, decode=False) == check(jpeg)  # the header check passes it
+    with pytest.raises(BadJpeg, match=message):
+        check_jpeg(data)
+
+
+def test_strict_decode_runs_after_the_header_check(jpeg):
+    with pytest.raises(BadJpeg, match="no end-of-image marker"):
+        check_jpeg(np.frombuffer(jpeg[:-1], np.uint8))

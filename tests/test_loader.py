@@ -7,7 +7,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from _fixtures import LOADER_ARGS, encode_jpeg, run_epochs, undefined_quant_table, write_beton
+from _fixtures import (
+    LOADER_ARGS,
+    encode_jpeg,
+    overwritten_scan,
+    run_epochs,
+    truncated_scan,
+    undefined_quant_table,
+    write_beton,
+)
 
 from data_prep.synth import render
 from mugs_fast.data import MultiCropLoader, dali_pipeline
@@ -155,7 +163,7 @@ def test_undecodable_samples_are_replaced_and_counted(tmp_path, device):
         warnings.simplefilter("always")
         batches = list(loader)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    # 3 and 10 fail the header check; 17 passes it and fails in DALI's decoder (found with PIL, batch re-run)
+    # 3 and 10 fail the header check; 17 passes it and fails the strict decode
     assert sorted(loader.corrupt_samples) == [3, 10, 17] and len(messages) == 3
     assert "sample 17 does not decode" in " ".join(messages)
     assert loader.num_replaced == 3 and len(batches) == 5
@@ -170,14 +178,43 @@ def test_undecodable_samples_are_replaced_and_counted(tmp_path, device):
     assert loader.num_replaced == 6
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_damage_inside_the_scan_is_replaced_counted_and_named(tmp_path, device):
+    """Damage behind intact markers (zeroed bytes, a cut with the end marker put back): DALI's decoders turn it
+    into pixels without an error; the loader's strict decode finds it before DALI sees the sample."""
+    good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
+    corrupt = {5: overwritten_scan(good), 22: truncated_scan(good)}
+    path = write_beton(tmp_path / "damaged.beton", 40, corrupt=corrupt)
+    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "local_crops_number": 2, "device": device})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    messages = " ".join(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning))
+    assert sorted(loader.corrupt_samples) == [5, 22] and loader.num_replaced == 2
+    assert "extraneous bytes" in loader.corrupt_samples[5]
+    assert "premature end of data segment" in loader.corrupt_samples[22]
+    assert "sample 5 does not decode" in messages and "sample 22 does not decode" in messages
+    indices = torch.cat([b["index"].cpu() for b in batches]).numpy()
+    assert len(indices) == 40 and not set(indices) & {5, 22}
+
+
+def test_without_verify_only_the_header_is_checked(tmp_path):
+    good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
+    path = write_beton(tmp_path / "damaged.beton", 16, corrupt={5: overwritten_scan(good), 9: b"not a jpeg"})
+    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "local_crops_number": 1, "verify": False})
+    with pytest.warns(RuntimeWarning, match="sample 9 does not decode"):
+        list(loader)
+    assert sorted(loader.corrupt_samples) == [9]  # DALI's CPU decoder fills 5's damage in (libjpeg warns on stderr)
+
+
 def test_replacements_are_counted_in_the_batches_yielded(tmp_path):
     """Not when a batch is fed: a batch fed again after a decoder failure, or fed ahead and then dropped, counts
-    its replacements once, when it is yielded."""
+    its replacements once, when it is yielded. (verify=False: the decoder, not the strict check, fails.)"""
     batch_1 = EpochSampler(16, 4, seed=LOADER_ARGS["seed"]).batch(1)
     good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
     corrupt = {int(batch_1[0]): b"not a jpeg at all", int(batch_1[1]): undefined_quant_table(good)}
     path = write_beton(tmp_path / "corrupt.beton", 16, corrupt=corrupt)
-    loader = MultiCropLoader(path, 4, **{**LOADER_ARGS, "local_crops_number": 1})
+    loader = MultiCropLoader(path, 4, **{**LOADER_ARGS, "local_crops_number": 1, "verify": False})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         next(iter(loader))  # batch 0; DALI was also fed batch 1 (prefetch), which is dropped below

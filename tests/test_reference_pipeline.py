@@ -1,11 +1,22 @@
 """The release's PIL pipeline (ReferenceLoader) and its statistical agreement with the DALI loader (CPU mode)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
-from _fixtures import LOADER_ARGS, run_epochs
+from _fixtures import (
+    LOADER_ARGS,
+    encode_jpeg,
+    overwritten_scan,
+    run_epochs,
+    truncated_scan,
+    undefined_quant_table,
+    write_beton,
+)
 
-from mugs_fast.data import ReferenceLoader
+from data_prep.synth import render
+from mugs_fast.data import MultiCropLoader, ReferenceLoader
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 from mugs_fast.data.reference import release_rand_augment
 
@@ -42,6 +53,27 @@ def test_deterministic_whatever_the_workers(small_beton, both):
     first = next(iter(in_process))
     for key in first:
         assert torch.equal(first[key], ref[8][key]), key
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_undecodable_samples_are_replaced_as_in_the_dali_loader(tmp_path, num_workers):
+    """PIL refuses some (not a JPEG, an undefined table) and decodes the damaged scans silently: all are found
+    in the worker, replaced by the DALI loader's stand-ins, counted and named once."""
+    good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
+    corrupt = {2: b"not a jpeg", 7: overwritten_scan(good), 11: truncated_scan(good), 13: undefined_quant_table(good)}
+    path = write_beton(tmp_path / "damaged.beton", 24, corrupt=corrupt)
+    args = {**LOADER_ARGS, "local_crops_number": 1}
+    reference = ReferenceLoader(path, 4, num_workers=num_workers, **args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ref = list(reference)
+        dali = list(MultiCropLoader(path, 4, **args))
+    assert sorted(reference.corrupt_samples) == sorted(corrupt) and reference.num_replaced == 4
+    named = [str(w.message) for w in caught if "does not decode" in str(w.message)]
+    assert "Corrupt JPEG data" in reference.corrupt_samples[7] and len(named) == 8  # 4 per loader
+    for r, d in zip(ref, dali, strict=True):
+        assert torch.equal(r["index"], d["index"]) and torch.equal(r["label"], d["label"])
+    assert reference.state_dict()["corrupt"].keys() == corrupt.keys()
 
 
 def test_release_rand_augment_draws_two_distinct_ops():

@@ -7,8 +7,9 @@ arithmetic), and one DALI graph decodes (nvJPEG on GPU, DALI's CPU operators oth
 window to the crop size in one bicubic, antialiased resize (the training loader's crop op), then normalises.
 
 Samples come in file order. With several ranks each takes a contiguous share of equal length (the last one
-padded), so features can be all-gathered and stay in file order; padding rows, and samples whose bytes are
-not a JPEG (found by the training loader's header check), carry the label -1 and are to be dropped.
+padded), so features can be all-gathered and stay in file order; padding rows, and samples that do not decode
+cleanly (the training loader's checks, `mugs_fast.data.jpeg.check_jpeg`: the header, and once per sample a strict
+decode in background threads), carry the label -1 and are to be dropped.
 """
 
 import collections
@@ -23,7 +24,8 @@ from nvidia.dali import fn, pipeline_def, types
 from mugs_fast.data.beton import BetonError, BetonReader
 from mugs_fast.data.dali_pipeline import cut_window, no_origin_tracing
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, to_device
-from mugs_fast.data.jpeg import BadJpeg, jpeg_size
+from mugs_fast.data.jpeg import BadJpeg, check_jpeg
+from mugs_fast.data.lookahead import CheckAhead
 
 INVALID = -1  # label of padding rows and undecodable samples
 
@@ -77,6 +79,8 @@ class EvalLoader:
 
     Every rank yields the same number of rows (`len(loader.indices)`); a label of -1 marks a row to drop.
     device: 'cuda' (nvJPEG 'mixed' decoding, GPU ops) or 'cpu'. num_threads: DALI's CPU threads.
+    verify: decode every sample once on the host (libjpeg-turbo, warnings are errors) in num_threads background
+        threads, as `MultiCropLoader` does; False: the header check only.
     """
 
     def __init__(
@@ -90,6 +94,7 @@ class EvalLoader:
         rank: int = 0,
         world_size: int = 1,
         num_threads: int | None = None,
+        verify: bool = True,
     ):
         path = Path(path)
         if not path.is_file():
@@ -103,8 +108,13 @@ class EvalLoader:
         self.batch_size = batch_size
         self.crop_size, self.resize_size = crop_size, resize_size or resize_for(crop_size)
         self.indices, self._real = shard(len(self.reader), rank, world_size)
-        self._pending: collections.deque = collections.deque()  # batches (indices, real) not yet fed to DALI
+        self._pending: collections.deque = collections.deque()  # batches (start, indices, real) not yet fed to DALI
         self._fed: collections.deque = collections.deque()  # labels of the batches DALI is working on
+        self.verify = verify
+        self._checked = np.zeros(len(self.reader), bool)
+        self._corrupt: dict[int, str] = {}  # sample index -> why it does not decode
+        threads = num_threads or min(16, len(os.sched_getaffinity(0)))
+        self._ahead = CheckAhead(self._inspect, threads) if verify else None
         on_gpu = self.device.type == "cuda"
         with no_origin_tracing():
             self._pipe = _eval_pipeline(
@@ -112,7 +122,7 @@ class EvalLoader:
                 crop_size,
                 "mixed" if on_gpu else "cpu",
                 batch_size=batch_size,
-                num_threads=num_threads or min(16, len(os.sched_getaffinity(0))),
+                num_threads=threads,
                 device_id=self.device.index if on_gpu else None,
                 prefetch_queue_depth=2,
             )
@@ -125,24 +135,51 @@ class EvalLoader:
     def num_classes(self) -> int:
         return self.reader.num_classes
 
-    def _labels(self, indices: np.ndarray, real: np.ndarray) -> np.ndarray:
-        """The samples' labels, INVALID for padding and for bytes that fail the JPEG header check."""
-        labels = np.where(real, self.reader.labels[indices], INVALID)
-        for slot, i in enumerate(indices):
-            try:
-                jpeg_size(self.reader[int(i)][0])
-            except BadJpeg as e:
-                labels[slot] = INVALID
-                warnings.warn(f"{self.reader.path}: sample {i} is left out ({e})", RuntimeWarning, stacklevel=2)
-        return labels
+    @property
+    def corrupt_samples(self) -> dict[int, str]:
+        """Sample index -> reason, for every sample found not to decode (its rows carry the label -1)."""
+        return dict(self._corrupt)
+
+    def _inspect(self, i: int) -> str | None:
+        """Why sample i does not decode, or None. Only reads: runs in the checking threads."""
+        try:
+            check_jpeg(self.reader[i][0], decode=self.verify)
+        except BadJpeg as e:
+            return str(e)
+        return None
+
+    def _record(self, i: int, why: str | None) -> None:
+        if self._checked[i]:
+            return
+        self._checked[i] = True
+        if why is not None:
+            self._corrupt[i] = why
+            warnings.warn(f"{self.reader.path}: sample {i} is left out ({why})", RuntimeWarning, stacklevel=3)
+
+    def _check_ahead(self) -> None:
+        """Keeps the strict check of the next batches' unchecked samples running in the background threads."""
+        if self._ahead is not None:
+            self._ahead.submit_next((key, indices[~self._checked[indices]]) for key, indices, _ in self._pending)
+
+    def _labels(self, key: int, indices: np.ndarray, real: np.ndarray) -> np.ndarray:
+        """The samples' labels, INVALID for padding and for samples that do not decode cleanly."""
+        if self._ahead is not None:
+            for i, why in self._ahead.take(key):
+                self._record(i, why)
+        for i in indices:
+            if not self._checked[i]:
+                self._record(int(i), self._inspect(int(i)))
+        bad = np.array([int(i) in self._corrupt for i in indices], bool)
+        return np.where(real & ~bad, self.reader.labels[indices], INVALID)
 
     def _feed(self) -> tuple[list[np.ndarray], np.ndarray]:
         """DALI's external source: the next batch's JPEGs (a decodable stand-in where a sample is not) and their
         source windows (b, 4)."""
         if not self._pending:
             raise StopIteration
-        indices, real = self._pending.popleft()
-        labels = self._labels(indices, real)
+        key, indices, real = self._pending.popleft()
+        self._check_ahead()
+        labels = self._labels(key, indices, real)
         valid = np.flatnonzero(labels != INVALID)
         if len(valid) == 0:
             raise RuntimeError(f"{self.reader.path}: no decodable sample among {indices.tolist()}")
@@ -158,7 +195,8 @@ class EvalLoader:
 
         for start in range(0, len(self.indices), self.batch_size):
             chunk = slice(start, start + self.batch_size)
-            self._pending.append((self.indices[chunk], self._real[chunk]))
+            self._pending.append((start, self.indices[chunk], self._real[chunk]))
+        self._check_ahead()
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         try:
             for _ in range(len(self)):
@@ -173,6 +211,8 @@ class EvalLoader:
     def _drain(self) -> None:
         """Lets DALI finish (and drops) what it was fed, so the next pass starts clean."""
         self._pending.clear()
+        if self._ahead is not None:
+            self._ahead.cancel()
         while True:
             try:
                 self._pipe.run()

@@ -1,6 +1,11 @@
-"""A cheap look at a JPEG's markers: its size, or why it cannot decode (before the decoder sees it)."""
+"""Whether a JPEG decodes cleanly, before a decoder that would not say so sees it.
+
+`jpeg_size`: a cheap look at the markers (a few microseconds): the size, or why the header or the end is broken.
+`check_jpeg`: that, then a strict decode of the entropy-coded data, which alone finds damage inside it.
+"""
 
 import numpy as np
+import simplejpeg
 
 # start-of-frame markers (baseline, progressive, lossless, arithmetic...): C0-CF except DHT C4, JPG C8, DAC CC
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -11,7 +16,26 @@ TRAILING_BYTES = 4096
 
 
 class BadJpeg(ValueError):
-    """The bytes are not a complete JPEG: no start marker, no frame header before the scan, or cut short."""
+    """The bytes do not decode cleanly: no start marker, no frame header before the scan, cut short, or (found
+    by `check_jpeg`) damaged entropy-coded data."""
+
+
+def check_jpeg(data: np.ndarray, decode: bool = True) -> tuple[int, int]:
+    """(height, width) of the JPEG in `data` (uint8 array) if it decodes cleanly; raises BadJpeg.
+
+    The header check (`jpeg_size`), then, with `decode`, a decode by libjpeg-turbo (simplejpeg) with its
+    warnings as errors: damage in the middle of the entropy-coded data leaves every marker intact, and DALI's
+    CPU decoder and PIL decode it without an error (DALI prints libjpeg's warning on stderr, naming no sample);
+    the GPU decoders are not relied on to do better. The decode is at 1/8 scale: it reads every Huffman code
+    (what finds the damage) and skips most of the inverse DCT and colour work. About 1 ms for a 500-px image.
+    """
+    size = jpeg_size(data)
+    if decode:
+        try:
+            simplejpeg.decode_jpeg(data, min_height=1, min_width=1, strict=True)
+        except ValueError as e:  # libjpeg's message, e.g. "Corrupt JPEG data: premature end of data segment"
+            raise BadJpeg(str(e)) from None
+    return size
 
 
 def jpeg_size(data: np.ndarray) -> tuple[int, int]:
@@ -20,7 +44,7 @@ def jpeg_size(data: np.ndarray) -> tuple[int, int]:
     Checks the start-of-image marker, walks the marker segments to the frame header and the start of the scan,
     and checks that an end-of-image marker follows the scan start within the last TRAILING_BYTES bytes (a
     truncated file has none: decoders may fill its missing part with grey instead of failing). Costs a few
-    microseconds: corrupt entropy-coded data in the middle is left to the decoder.
+    microseconds: damaged entropy-coded data in the middle is left to `check_jpeg`.
     """
     b = memoryview(data)
     n = len(b)

@@ -8,16 +8,17 @@
         state = loader.state_dict()  # any time: the position inside the epoch
 
 Host side (this file): the sampler picks each batch's samples, their JPEG bytes come zero-copy from the
-.beton, a cheap header check replaces undecodable samples, and the augmentation plan is drawn
-(`mugs_fast.data.params`); DALI decodes and cuts the crops (`dali_pipeline`), torch finishes them
-(`finish`). The DALI graph is built once per loader.
+.beton, samples that do not decode cleanly are replaced (a header check, and once per sample a strict decode
+in background threads: `mugs_fast.data.jpeg`), and the augmentation plan is drawn (`mugs_fast.data.params`);
+DALI decodes and cuts the crops (`dali_pipeline`), torch finishes them (`finish`). The DALI graph is built once
+per loader.
 """
 
 import collections
-import io
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +27,8 @@ import torch
 
 from mugs_fast.data.beton import BetonReader
 from mugs_fast.data.finish import CropFinisher, finish_arrays, to_device
-from mugs_fast.data.jpeg import BadJpeg, jpeg_size
+from mugs_fast.data.jpeg import BadJpeg, check_jpeg
+from mugs_fast.data.lookahead import CheckAhead
 from mugs_fast.data.params import CropPlan, plan_rng, sample_plan
 from mugs_fast.data.sampler import EpochSampler
 
@@ -41,6 +43,16 @@ def default_device(device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def stand_in(seed: int, i: int, num_samples: int, decodes: Callable[[int], bool]) -> int | None:
+    """The replacement for undecodable sample i, the same one every time: the first sample that `decodes` among
+    MAX_REPLACEMENT_TRIES drawn from (seed, i); None if none does."""
+    rng = np.random.default_rng([seed, i])
+    for j in rng.integers(num_samples, size=MAX_REPLACEMENT_TRIES):
+        if decodes(int(j)):
+            return int(j)
+    return None
 
 
 class MultiCropLoader:
@@ -62,6 +74,9 @@ class MultiCropLoader:
     global_size, local_size: crop sizes (224 / 96 in Mugs; smaller ones for tests and demos).
     num_threads: DALI's CPU threads (default: the cores this process may use, at most 16).
     hw_decoder_load: share of JPEGs for the GPU's hardware decoder (A100/H100), the rest go to nvJPEG CUDA.
+    verify: decode every sample once on the host before its first use (libjpeg-turbo, warnings are errors), in
+        num_threads background threads ahead of the batches: the only way to find damage inside the
+        entropy-coded data, which DALI's decoders pass on as pixels. False: the header check only.
     """
 
     def __init__(
@@ -80,6 +95,7 @@ class MultiCropLoader:
         num_threads: int | None = None,
         prefetch: int = 2,
         hw_decoder_load: float = 0.75,
+        verify: bool = True,
     ):
         path = Path(path)
         if not path.is_file():
@@ -94,6 +110,7 @@ class MultiCropLoader:
         self._finisher = CropFinisher(self.device, self.dtype)
         self._sizes = np.full((len(self.reader), 2), -1, np.int64)  # (height, width) once checked
         self._corrupt: dict[int, str] = {}  # sample index -> why it does not decode
+        self.verify = verify
         self._num_replaced = 0  # in the batches yielded so far
         self._pending: collections.deque = collections.deque()  # batch numbers still to feed to DALI
         self._fed: collections.deque = collections.deque()  # what DALI is working on: _Fed, in feed order
@@ -102,6 +119,7 @@ class MultiCropLoader:
         from mugs_fast.data.dali_pipeline import build_pipeline  # DALI imported only here
 
         threads = num_threads or min(16, len(os.sched_getaffinity(0)))
+        self._ahead = CheckAhead(self._inspect, threads) if verify else None
         self._pipe = build_pipeline(
             self._feed,
             batch_size=batch_size,
@@ -146,13 +164,31 @@ class MultiCropLoader:
     # --- host side: what each batch holds ---------------------------------------------------------------
 
     def _check(self, i: int) -> bool:
-        """Whether sample i looks decodable; finds its size on first sight."""
+        """Whether sample i decodes cleanly; finds its size on first sight."""
         if self._sizes[i, 0] < 0:
-            try:
-                self._sizes[i] = jpeg_size(self.reader[i][0])
-            except BadJpeg as e:
-                self._mark_corrupt(i, str(e))
+            self._record(i, self._inspect(i))
         return self._sizes[i, 0] > 0
+
+    def _inspect(self, i: int) -> tuple[int, int] | str:
+        """Sample i's (height, width), or why it does not decode. Only reads: runs in the checking threads."""
+        try:
+            return check_jpeg(self.reader[i][0], decode=self.verify)
+        except BadJpeg as e:
+            return str(e)
+
+    def _record(self, i: int, verdict: tuple[int, int] | str) -> None:
+        if self._sizes[i, 0] >= 0:  # known already (checked here while the threads were at it)
+            return
+        if isinstance(verdict, str):
+            self._mark_corrupt(i, verdict)
+        else:
+            self._sizes[i] = verdict
+
+    def _check_ahead(self) -> None:
+        """Keeps the strict check of the next batches' unchecked samples running in the background threads."""
+        if self._ahead is not None:
+            upcoming = ((b, self.sampler.batch(b)) for b in self._pending)
+            self._ahead.submit_next((b, indices[self._sizes[indices, 0] < 0]) for b, indices in upcoming)
 
     def _mark_corrupt(self, i: int, why: str) -> None:
         self._sizes[i] = 0
@@ -161,15 +197,14 @@ class MultiCropLoader:
             f"{self.reader.path}: sample {i} does not decode ({why}); it is replaced by another sample "
             f"({len(self._corrupt)} undecodable so far)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
 
     def _replacement(self, i: int) -> int:
         """A decodable stand-in for sample i, the same one every time (from the seed and i)."""
-        rng = np.random.default_rng([self.sampler.seed, i])
-        for j in rng.integers(len(self.reader), size=MAX_REPLACEMENT_TRIES):
-            if self._check(int(j)):
-                return int(j)
+        j = stand_in(self.sampler.seed, i, len(self.reader), self._check)
+        if j is not None:
+            return j
         raise RuntimeError(
             f"{self.reader.path}: found no decodable sample in {MAX_REPLACEMENT_TRIES} tries to "
             f"replace sample {i} ({len(self._corrupt)} undecodable so far): is the file damaged?"
@@ -178,6 +213,9 @@ class MultiCropLoader:
     def _batch_samples(self, batch: int) -> tuple[np.ndarray, int]:
         """The sample indices of a batch, undecodable ones replaced, and how many were replaced."""
         indices = self.sampler.batch(batch).copy()
+        if self._ahead is not None:
+            for i, verdict in self._ahead.take(batch):
+                self._record(i, verdict)
         replaced = 0
         for slot, i in enumerate(indices):
             if not self._check(int(i)):
@@ -192,6 +230,7 @@ class MultiCropLoader:
         from mugs_fast.data.dali_pipeline import source_batch
 
         batch = self._pending.popleft()
+        self._check_ahead()
         indices, replaced = self._batch_samples(batch)
         sizes = self._sizes[indices]
         s = self.sampler
@@ -225,6 +264,7 @@ class MultiCropLoader:
         if s.position >= len(s):
             s.position = 0
         self._pending.extend(range(s.position, len(s)))
+        self._check_ahead()
         ready = {}
         try:
             while s.position < len(s):
@@ -239,6 +279,8 @@ class MultiCropLoader:
                     ready[fed.batch] = out, fed.replaced
         finally:
             self._pending.clear()
+            if self._ahead is not None:
+                self._ahead.cancel()
             self._drain()
 
     def _run_one(self):
@@ -256,15 +298,14 @@ class MultiCropLoader:
         return fed, self._finish(outputs, fed)
 
     def _recover(self, failed, error: RuntimeError) -> None:
-        """DALI could not decode some JPEG of a batch: find it with PIL, mark it, and feed the batch again."""
-        from PIL import Image
-
+        """DALI could not decode some JPEG of a batch: find it with the strict decode, mark it, and feed the batch
+        again (with verify, the check found it before DALI did, unless DALI refuses what libjpeg-turbo accepts)."""
         culprits = []
         for i in failed.indices:
             try:
-                Image.open(io.BytesIO(self.reader[int(i)][0].tobytes())).load()
-            except Exception as e:  # noqa: BLE001 - any PIL failure means the bytes do not decode
-                culprits.append((int(i), f"{type(e).__name__}: {e}"))
+                check_jpeg(self.reader[int(i)][0])
+            except BadJpeg as e:
+                culprits.append((int(i), str(e)))
         if not culprits:
             raise error
         for i, why in culprits:

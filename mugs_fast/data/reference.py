@@ -12,12 +12,15 @@ two ops *with* replacement when no weights are given while the release draws the
 weights restore the release's behaviour. And timm 1.0's PosterizeIncreasing at level 10 asks Pillow for 0
 bits, which recent Pillow refuses (ValueError) where the release's Pillow made the image black: wrapped
 here. timm's RandomErasing is unchanged (same area, aspect, tries).
-A sample that does not decode stops this loader, as it stops the release.
+A sample that does not decode cleanly (`mugs_fast.data.jpeg.check_jpeg` in the worker: PIL decodes damaged
+entropy-coded data without an error) is replaced, counted and named as `MultiCropLoader` does, with the same
+stand-in; the release stopped on the ones PIL refuses and trained on the others.
 """
 
 import io
 import os
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -27,7 +30,8 @@ from torchvision.transforms import InterpolationMode
 
 from mugs_fast.data.beton import BetonReader
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
-from mugs_fast.data.loader import default_device
+from mugs_fast.data.jpeg import BadJpeg, check_jpeg
+from mugs_fast.data.loader import default_device, stand_in
 from mugs_fast.data.params import GLOBAL_SCALE, LOCAL_SCALE, RA_FILL, RATIO
 from mugs_fast.data.sampler import EpochSampler
 
@@ -133,25 +137,48 @@ class BetonMultiCropDataset(torch.utils.data.Dataset):
     """(sample index, seed key) -> the release's crops of that .beton sample, decoded with PIL.
 
     The Python, numpy and torch RNGs are seeded from the key before each sample, so a batch does not
-    depend on which worker makes it.
+    depend on which worker makes it. A sample that does not decode cleanly is replaced by its stand-in (from
+    `seed`, as in `MultiCropLoader`); each worker checks a sample once.
     """
 
-    def __init__(self, path, augmentation: ReleaseAugmentation):
-        self.reader, self.augmentation = BetonReader(path), augmentation
+    def __init__(self, path, augmentation: ReleaseAugmentation, seed: int = 0):
+        self.reader, self.augmentation, self.seed = BetonReader(path), augmentation, seed
+        self._why_bad: dict[int, str | None] = {}  # this process's verdicts: sample index -> reason or None
 
     def __len__(self) -> int:
         return len(self.reader)
 
+    def _decodes(self, i: int) -> bool:
+        if i not in self._why_bad:
+            try:
+                check_jpeg(self.reader[i][0])
+                self._why_bad[i] = None
+            except BadJpeg as e:
+                self._why_bad[i] = str(e)
+        return self._why_bad[i] is None
+
+    def _sample(self, index: int) -> int:
+        """index, or its stand-in if it does not decode cleanly."""
+        if self._decodes(index):
+            return index
+        j = stand_in(self.seed, index, len(self.reader), self._decodes)
+        if j is None:
+            raise RuntimeError(f"{self.reader.path}: found no decodable sample to replace sample {index}")
+        return j
+
     def __getitem__(self, item):
+        """(crops, weak, strong_local, label, sample index used, (index, reason) if it was replaced else None)."""
         index, key = item
-        jpeg, label = self.reader[index]
+        sample = self._sample(index)
+        replaced = None if sample == index else (index, self._why_bad[index])
+        jpeg, label = self.reader[sample]
         state = np.random.SeedSequence(key).generate_state(3)
         random.seed(int(state[0]))
         np.random.seed(int(state[1]))
         torch.manual_seed(int(state[2]))
         image = Image.open(io.BytesIO(jpeg.tobytes())).convert("RGB")
         crops, weak, strong_local = self.augmentation(image)
-        return crops, weak, strong_local, label, index
+        return crops, weak, strong_local, label, sample, replaced
 
 
 def _collate(samples):
@@ -166,6 +193,7 @@ def _collate(samples):
         "strong_local": torch.tensor([s[2] for s in samples], dtype=torch.bool).T.reshape(-1),
         "label": torch.tensor([s[3] for s in samples], dtype=torch.int64),
         "index": torch.tensor([s[4] for s in samples], dtype=torch.int64),
+        "replaced": [s[5] for s in samples if s[5] is not None],  # (sample index, reason) per replaced slot
     }
 
 
@@ -207,24 +235,50 @@ class ReferenceLoader:
         num_workers: int | None = None,
     ):
         augmentation = ReleaseAugmentation(local_crops_number, global_size, local_size)
-        self.dataset = BetonMultiCropDataset(path, augmentation)
+        self.dataset = BetonMultiCropDataset(path, augmentation, seed)
         self.sampler = EpochSampler(len(self.dataset), batch_size, seed, rank, world_size)
         self.device = default_device(device)
         self.dtype, self.local_size = dtype, local_size
         self.num_workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
         self._loader = None
+        self._corrupt: dict[int, str] = {}  # sample index -> why it does not decode
+        self._num_replaced = 0  # in the batches yielded so far
 
     def __len__(self) -> int:
         return len(self.sampler)
+
+    @property
+    def corrupt_samples(self) -> dict[int, str]:
+        """Sample index -> reason, for every sample found not to decode (each replaced by another sample)."""
+        return dict(self._corrupt)
+
+    @property
+    def num_replaced(self) -> int:
+        """How many slots of the batches yielded so far held a replacement for an undecodable sample."""
+        return self._num_replaced
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict()}
+        return {"sampler": self.sampler.state_dict(), "corrupt": dict(self._corrupt)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state["sampler"])
+        self._corrupt.update({int(i): why for i, why in state.get("corrupt", {}).items()})
+
+    def _count_replaced(self, replaced: list[tuple[int, str]]) -> None:
+        """Counts a batch's replacements and names each undecodable sample once."""
+        self._num_replaced += len(replaced)
+        for i, why in replaced:
+            if i not in self._corrupt:
+                self._corrupt[i] = why
+                warnings.warn(
+                    f"{self.dataset.reader.path}: sample {i} does not decode ({why}); it is replaced by another "
+                    f"sample ({len(self._corrupt)} undecodable so far)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def __iter__(self):
         s = self.sampler
@@ -244,6 +298,7 @@ class ReferenceLoader:
         mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         for batch in self._loader:
+            self._count_replaced(batch.pop("replaced"))
             out = {k: v.to(self.device, non_blocking=True) if v is not None else None for k, v in batch.items()}
             for key in ("teacher", "student_global", "student_local"):  # the release's data_prefetcher
                 if out[key] is None:
