@@ -1,13 +1,16 @@
-"""Conversion speed of `data_prep.convert` on ImageNet-like JPEGs, for 1 and N worker processes.
+"""Conversion speed of `data_prep.convert` on an ImageNet-like mix, from a folder and from a train-style archive,
+for 1 and N worker processes, against ffcv's DatasetWriter.
 
-    python benchmarks/bench_prep.py [--images 480] [--workers 1 2] [--repeats 2] [--ffcv]
+    python benchmarks/bench_prep.py [--images 480] [--workers 1 2] [--repeats 2] [--large-share 0.1] [--ffcv]
 
-Generates the input on the fly (photo-like content, 360-440 x 300-400 px, JPEG quality 95: ~110 KB each, as
-ImageNet's train set averages), converts it as for training (longer side <= 512, quality 90) and appends one
+Generates the input on the fly (photo-like content, JPEG quality 95: ~110 KB on average, as ImageNet's train
+set; 90% of the images 360-440 x 300-400 px, within the default 512 px, the rest 600-1000 px on the longer side,
+as ImageNet has them), as an ImageFolder tree and as a tar of class tars like ILSVRC2012_img_train.tar. Converts
+it as for training (longer side <= 512, quality 90: the fitting JPEGs are stored as they are) and appends one
 JSON record per run to benchmarks/results/bench_prep.json (replacing an earlier record of the same machine,
-settings and number of images): machine, versions, date and system load (wall-clock
-rates are only as good as the machine was quiet; images per CPU-second suffer less from a busy machine).
---ffcv also times ffcv's own DatasetWriter on the same files (decode with PIL, no validation pass).
+settings and number of images): machine, versions, date, system load, the share of images stored as-is
+(wall-clock rates are only as good as the machine was quiet; images per CPU-second suffer less from a busy
+machine). --ffcv also times ffcv's own DatasetWriter on the folder (decode with PIL, no validation pass).
 """
 
 import argparse
@@ -19,6 +22,7 @@ import os
 import platform
 import resource
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -46,18 +50,39 @@ def photo_like(rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(img + 128, 0, 255).astype(np.uint8))
 
 
-def make_inputs(root: Path, n: int, classes: int = 8, seed: int = 0) -> dict:
+def large_photo_like(rng: np.random.Generator) -> Image.Image:
+    """A photo-like image larger than 512 px (ImageNet's ~10%): re-encoded by a conversion."""
+    w = int(rng.integers(600, 1001))
+    return photo_like(rng).resize((w, int(w * rng.uniform(0.65, 0.8))), Image.Resampling.BICUBIC)
+
+
+def make_inputs(root: Path, n: int, large_share: float, classes: int = 8, seed: int = 0) -> dict:
+    """The images as root/folder/<class>/<image>.JPEG and as root/train.tar (one <class>.tar each)."""
     rng = np.random.default_rng(seed)
-    sizes, pixels = [], []
+    sizes, pixels, large = [], [], 0
     for i in range(n):
-        img = photo_like(rng)
-        path = root / f"class{i % classes}" / f"{i:05d}.JPEG"
+        is_large = rng.random() < large_share
+        img = large_photo_like(rng) if is_large else photo_like(rng)
+        large += is_large
+        path = root / "folder" / f"n{i % classes:08d}" / f"{i:05d}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, quality=95)
         sizes.append(path.stat().st_size)
         pixels.append(img.size)
+    with tarfile.open(root / "train.tar", "w") as outer:
+        for class_dir in sorted((root / "folder").iterdir()):
+            with tarfile.open(root / f"{class_dir.name}.tar", "w") as inner:
+                for path in sorted(class_dir.iterdir()):
+                    inner.add(path, arcname=path.name)
+            outer.add(root / f"{class_dir.name}.tar", arcname=f"{class_dir.name}.tar")
+            (root / f"{class_dir.name}.tar").unlink()
     w, h = np.mean(pixels, axis=0)
-    return {"images": n, "mean_kb": round(float(np.mean(sizes)) / 1e3, 1), "mean_size": f"{w:.0f}x{h:.0f}"}
+    return {
+        "images": n,
+        "mean_kb": round(float(np.mean(sizes)) / 1e3, 1),
+        "mean_size": f"{w:.0f}x{h:.0f}",
+        "larger_than_512_share": round(large / n, 3),
+    }
 
 
 def cpu_seconds() -> float:
@@ -65,13 +90,14 @@ def cpu_seconds() -> float:
     return sum(getattr(resource.getrusage(who), f) for who in (0, -1) for f in ("ru_utime", "ru_stime"))
 
 
-def time_ours(src: Path, dst: Path, workers: int) -> tuple[float, float]:
+def time_ours(src: Path, dst: Path, workers: int) -> tuple[float, float, float]:
+    """Seconds, CPU seconds, share of the images stored as they were."""
     cpu = cpu_seconds()
     summary = convert(src, dst, workers=workers, overwrite=True, progress=False)
-    return summary.seconds, cpu_seconds() - cpu
+    return summary.seconds, cpu_seconds() - cpu, summary.stored_as_is / summary.written
 
 
-def time_ffcv(src: Path, dst: Path, workers: int) -> tuple[float, float]:
+def time_ffcv(src: Path, dst: Path, workers: int) -> tuple[float, float, float]:
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
@@ -94,7 +120,7 @@ def time_ffcv(src: Path, dst: Path, workers: int) -> tuple[float, float]:
     seconds = time.perf_counter() - start
     for worker in multiprocessing.active_children():  # ffcv never joins its workers: reap them for their CPU time
         worker.join()
-    return seconds, cpu_seconds() - cpu
+    return seconds, cpu_seconds() - cpu, 0.0  # ffcv re-encodes every image
 
 
 def machine() -> dict:
@@ -131,26 +157,36 @@ def run(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "versions": versions(args.ffcv),
-        "settings": {"max_resolution": 512, "jpeg_quality": 90, "repeats": args.repeats, "ffcv_chunksize": 16},
+        "settings": {
+            "max_resolution": 512,
+            "jpeg_quality": 90,
+            "repeats": args.repeats,
+            "ffcv_chunksize": 16,
+            "large_share": args.large_share,
+        },
         "load_average_before": [round(x, 2) for x in os.getloadavg()],
         "results": [],
     }
-    tools = {"data_prep.convert": time_ours} | ({"ffcv DatasetWriter": time_ffcv} if args.ffcv else {})
+    runs = [("data_prep.convert", "folder", time_ours), ("data_prep.convert", "archive", time_ours)]
+    runs += [("ffcv DatasetWriter", "folder", time_ffcv)] if args.ffcv else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        record["input"] = make_inputs(tmp / "src", args.images)
-        for tool, timer in tools.items():
+        record["input"] = make_inputs(tmp, args.images, args.large_share)
+        for tool, source, timer in runs:
+            src = tmp / "folder" if source == "folder" else tmp / "train.tar"
             for workers in args.workers:
-                runs = [timer(tmp / "src", tmp / "out.beton", workers) for _ in range(args.repeats)]
-                seconds, cpu = min(runs)  # the least disturbed run
+                times = [timer(src, tmp / "out.beton", workers) for _ in range(args.repeats)]
+                seconds, cpu, as_is = min(times)  # the least disturbed run
                 record["results"].append(
                     {
-                        "tool": tool,
+                        "tool": f"{tool} ({source})",
+                        "source": source,
                         "workers": workers,
                         "seconds": round(seconds, 3),
                         "images_per_s": round(args.images / seconds, 1),
                         "images_per_s_per_worker": round(args.images / seconds / workers, 1),
                         "images_per_cpu_s": round(args.images / cpu, 1),
+                        "stored_as_is_share": round(as_is, 3),
                         "output_mb": round((tmp / "out.beton").stat().st_size / 1e6, 1),
                     }
                 )
@@ -171,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--workers", type=int, nargs="+", default=sorted({1, len(os.sched_getaffinity(0))}))
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--large-share", type=float, default=0.1, help="share of images larger than 512 px (0.1)")
     parser.add_argument("--ffcv", action="store_true", help="also time ffcv's DatasetWriter")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -180,13 +217,14 @@ def main(argv=None) -> int:
     m, inp = record["machine"], record["input"]
     print(
         f"{m['cpu']} ({m['usable_cores']} cores), {inp['images']} JPEGs of ~{inp['mean_size']} px, "
-        f"{inp['mean_kb']} KB; load average {record['load_average_before'][0]} -> {record['load_average_after'][0]}"
+        f"{inp['mean_kb']} KB, {inp['larger_than_512_share']:.0%} larger than 512 px; "
+        f"load average {record['load_average_before'][0]} -> {record['load_average_after'][0]}"
     )
-    print(f"{'tool':<20} {'workers':>7} {'images/s':>9} {'per worker':>10} {'per CPU-s':>9}")
+    print(f"{'tool':<30} {'workers':>7} {'images/s':>9} {'per worker':>10} {'per CPU-s':>9} {'as-is':>6}")
     for r in record["results"]:
         print(
-            f"{r['tool']:<20} {r['workers']:>7} {r['images_per_s']:>9} {r['images_per_s_per_worker']:>10} "
-            f"{r['images_per_cpu_s']:>9}"
+            f"{r['tool']:<30} {r['workers']:>7} {r['images_per_s']:>9} {r['images_per_s_per_worker']:>10} "
+            f"{r['images_per_cpu_s']:>9} {r['stored_as_is_share']:>6.0%}"
         )
     print(f"-> {args.out}")
     return 0

@@ -3,12 +3,12 @@
 import argparse
 import sys
 
-from data_prep import PrepError, convert, error_line, inspect_beton, synth
+from data_prep import OneLineParser, PrepError, convert, error_line, inspect_beton, synth
 from mugs_fast.data.beton import BetonError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mugs-prep", description="Offline data preparation: image folders -> .beton, and the built-in dataset."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{convert,inspect,synth}")

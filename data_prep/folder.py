@@ -16,18 +16,22 @@ def scan_image_folder(src: Path, num_classes: int | None = None) -> FolderScan:
     """Lists the files of the first `num_classes` class folders (all by default) of `src`.
 
     Every regular file is a candidate (its content, not its name, decides later whether it is an image).
-    Reported, not listed: files beside the class folders, hidden folders, broken links, special files,
-    unreadable folders. An empty class folder keeps its label (train and val labels stay aligned).
+    Reported, not listed: files beside the class folders, hidden folders (at any depth), broken links, link
+    loops, special files, unreadable folders. An empty class folder keeps its label (train and val labels
+    stay aligned).
     """
     scan = FolderScan(classes=[], samples=[])
     class_dirs = []
     for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        if entry.is_dir() and entry.name.startswith("."):
+        kind = _kind(entry)
+        if kind == "folder" and entry.name.startswith("."):
             scan.skipped.append({"path": entry.name + "/", "reason": "hidden folder, not a class"})
-        elif entry.is_dir():
+        elif kind == "folder":
             class_dirs.append(entry)
-        else:
+        elif kind == "file":
             scan.skipped.append({"path": entry.name, "reason": "outside the class folders"})
+        else:
+            scan.skipped.append({"path": entry.name, "reason": kind})
     class_dirs = class_dirs[:num_classes]
 
     for label, class_dir in enumerate(class_dirs):
@@ -51,15 +55,28 @@ def _list_files(folder: Path, src: Path, skipped: list[dict], seen: set | None =
 
     files = []
     for entry in entries:
-        if entry.is_dir():
+        kind = _kind(entry)
+        if kind == "folder" and entry.name.startswith("."):
+            skipped.append({"path": rel_path(entry.path, src) + "/", "reason": "hidden folder"})
+        elif kind == "folder":
             files.extend(_list_files(Path(entry.path), src, skipped, seen))
-        elif entry.is_file():
+        elif kind == "file":
             files.append(entry.path)
-        elif entry.is_symlink():
-            skipped.append({"path": rel_path(entry.path, src), "reason": "unreadable: broken symbolic link"})
         else:
-            skipped.append({"path": rel_path(entry.path, src), "reason": "not a regular file"})
+            skipped.append({"path": rel_path(entry.path, src), "reason": kind})
     return files
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """'folder' or 'file' (links followed), else why the entry is no candidate: a broken link, a link loop, ..."""
+    try:
+        if entry.is_dir():
+            return "folder"
+        if entry.is_file():
+            return "file"
+    except OSError as e:  # ELOOP (a link that points back to itself), EACCES, ... raise; ENOENT does not
+        return f"unreadable: {e.strerror}"
+    return "unreadable: broken symbolic link" if entry.is_symlink() else "not a regular file"
 
 
 def rel_path(path: str | Path, src: Path) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from data_prep import PrepError
+from data_prep import PrepError, int_in
 from mugs_fast.data.beton import BetonReader, sidecar_path
 
 
@@ -107,7 +107,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("file", metavar="FILE.beton")
     p.add_argument("--sheet", metavar="OUT.png", default=None, help="write a contact sheet of decoded samples")
-    p.add_argument("--samples", type=int, default=64, metavar="N", help="images on the contact sheet (default 64)")
+    p.add_argument("--samples", type=int_in(1), default=64, metavar="N", help="images on the sheet, >= 1 (64)")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(run=_run)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep import PrepError
+from data_prep import PrepError, int_in
 
 TAU = 2 * np.pi
 SPLITS = ("train", "val")
@@ -247,13 +247,13 @@ def add_parser(subparsers) -> None:
         "per class, deterministic from --seed.",
     )
     p.add_argument("dst_dir", metavar="DST_DIR", help="writes DST_DIR/train and DST_DIR/val")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
-    p.add_argument("--num-classes", type=int, default=10, help=f"1..{len(PATTERNS)} (default 10)")
-    p.add_argument("--train-per-class", type=int, default=300, help="train images per class (default 300)")
-    p.add_argument("--val-per-class", type=int, default=50, help="val images per class (default 50)")
-    p.add_argument("--min-size", type=int, default=128, help="smallest image side, px (default 128)")
-    p.add_argument("--max-size", type=int, default=256, help="largest image side, px (default 256)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="same seed, same images (default 0)")
+    p.add_argument("--num-classes", type=int_in(1, len(PATTERNS)), default=10, help=f"1..{len(PATTERNS)} (10)")
+    p.add_argument("--train-per-class", type=int_in(0), default=300, help="train images per class (default 300)")
+    p.add_argument("--val-per-class", type=int_in(0), default=50, help="val images per class (default 50)")
+    p.add_argument("--min-size", type=int_in(8), default=128, help="smallest image side, px (default 128)")
+    p.add_argument("--max-size", type=int_in(8), default=256, help="largest image side, px (default 256)")
+    p.add_argument("--workers", type=int_in(1, 1024), default=None, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/ folders")
     p.set_defaults(run=_run)
 

@@ -23,10 +23,14 @@ from mugs_fast.data.beton import (
 
 DEFAULT_PAGE_SIZE = 1 << 23  # 8 MiB, ffcv's default
 FIELDS = {"image": RGB_IMAGE_FIELD, "label": INT_FIELD}
+# the writer holds one page in memory (ffcv's loaders one per sample in flight): 8192 px -> 1 GiB pages
+MAX_RESOLUTION = 8192
 
 
 def page_size_for(max_resolution: int) -> int:
     """A power-of-two page (ffcv's rule) that holds any JPEG of a max_resolution-px image: >= 4x raw RGB."""
+    if not 1 <= max_resolution <= MAX_RESOLUTION:
+        raise ValueError(f"max resolution must be in 1..{MAX_RESOLUTION}, got {max_resolution}")
     needed = 4 * 3 * max_resolution * max_resolution
     return max(DEFAULT_PAGE_SIZE, 1 << (needed - 1).bit_length())
 
@@ -34,22 +38,24 @@ def page_size_for(max_resolution: int) -> int:
 class BetonWriter:
     """Appends (jpeg, height, width, label) samples to a new .beton; `finish()` makes the file valid.
 
-    capacity: the most samples that will be added (reserves the metadata table; fewer is fine).
-    Samples never cross a page boundary, as ffcv's loaders assume; every page is written in full.
+    capacity: the number of samples expected, which places the first data page after their metadata table.
+    More is fine (a stream of unknown length): `finish()` then moves the first data pages to the end of the file
+    to make room for the table, so the layout depends only on the samples and `capacity` (0: none reserved).
+    Samples never cross a page boundary, as ffcv's loaders assume; a page's unused tail reads as zeros.
     Use as a context manager: leaving the block closes the file, finished or not.
     """
 
-    def __init__(self, path: str | os.PathLike, capacity: int, page_size: int = DEFAULT_PAGE_SIZE):
+    def __init__(self, path: str | os.PathLike, capacity: int = 0, page_size: int = DEFAULT_PAGE_SIZE):
         if page_size & (page_size - 1) or page_size < 1 << 21:
             raise ValueError(f"page_size must be a power of two >= 2 MiB, got {page_size}")
         self.page_size = page_size
-        self.meta = np.zeros(capacity, metadata_dtype(list(FIELDS.values())))
-        self.alloc = np.zeros(capacity, ALLOC_DTYPE)
+        self.meta = np.zeros(max(capacity, 1024), metadata_dtype(list(FIELDS.values())))
+        self.alloc = np.zeros(len(self.meta), ALLOC_DTYPE)
         self.count = 0
-        self._file = open(path, "xb")  # never clobbers: the caller picks a fresh (temporary) name
+        self._file = open(path, "xb+")  # never clobbers: the caller picks a fresh (temporary) name
 
         self._meta_start = HEADER_DTYPE.itemsize + len(FIELDS) * FIELD_DESC_DTYPE.itemsize
-        meta_end = self._meta_start + self.meta.nbytes
+        meta_end = self._meta_start + capacity * self.meta.dtype.itemsize
         self._data_start = -(-meta_end // page_size) * page_size  # first page boundary after the metadata
         self._page = bytearray(page_size)
         self._pages_written = 0  # also the index of the open page
@@ -60,8 +66,9 @@ class BetonWriter:
         n = len(jpeg)
         if n > self.page_size:
             raise ValueError(f"a {n}-byte JPEG does not fit a {self.page_size}-byte page")
-        if self.count == len(self.meta):
-            raise ValueError(f"capacity of {len(self.meta)} samples exceeded")
+        if self.count == len(self.meta):  # grow the tables (amortised doubling)
+            self.meta = np.resize(self.meta, 2 * len(self.meta))
+            self.alloc = np.resize(self.alloc, len(self.meta))
         if not self._page_open or self._page_used + n > self.page_size:
             if self._page_open:
                 self._write_page()
@@ -82,10 +89,11 @@ class BetonWriter:
         return self.meta["f1"][: self.count]
 
     def _write_page(self) -> None:
+        # only the used part: the rest of the page is a hole the file system reads as zeros (as ffcv pads it),
+        # and the page buffer needs no clearing
         self._file.seek(self._data_start + self._pages_written * self.page_size)
-        self._file.write(self._page)
+        self._file.write(memoryview(self._page)[: self._page_used])
         self._pages_written += 1
-        self._page[:] = bytes(self.page_size)
         self._page_used = 0
 
     def finish(self) -> int:
@@ -93,9 +101,11 @@ class BetonWriter:
         alloc_table_ptr = self._meta_start  # no samples: nothing after the (empty) metadata
         if self._page_open:
             self._write_page()
+            self._make_room_for_metadata()
             alloc_table_ptr = self._data_start + self._pages_written * self.page_size
+        meta, alloc = self.meta[: self.count], self.alloc[: self.count]
         self._file.seek(alloc_table_ptr)
-        self._file.write(self.alloc[: self.count].tobytes())
+        self._file.write(alloc.tobytes())
         size = self._file.tell()
 
         header = np.zeros(1, HEADER_DTYPE)
@@ -105,10 +115,31 @@ class BetonWriter:
             fields[i]["type_id"] = type_id
             fields[i]["name"][: len(name)] = np.frombuffer(name.encode("ascii"), np.uint8)
         self._file.seek(0)
-        self._file.write(header.tobytes() + fields.tobytes() + self.meta[: self.count].tobytes())
+        self._file.write(header.tobytes() + fields.tobytes() + meta.tobytes())
         self._file.flush()
         os.fsync(self._file.fileno())
         return size
+
+    def _make_room_for_metadata(self) -> None:
+        """Moves the first data pages behind the last one when the metadata table has outgrown the space before
+        them (more samples than `capacity`); the pointers of their samples move with them."""
+        meta_end = self._meta_start + self.count * self.meta.dtype.itemsize
+        needed = -(-(meta_end - self._data_start) // self.page_size)  # pages the table reaches into
+        if needed <= 0:
+            return
+        moved = min(needed, self._pages_written)
+        shift_pages = max(needed, self._pages_written)  # page i -> page shift_pages + i, clear of the table
+        shift = shift_pages * self.page_size
+        for i in range(moved):
+            self._file.seek(self._data_start + i * self.page_size)
+            page = self._file.read(self.page_size)
+            self._file.seek(self._data_start + i * self.page_size + shift)
+            self._file.write(page)
+        ptrs = self.alloc["ptr"][: self.count]
+        on_moved = ptrs < self._data_start + moved * self.page_size
+        ptrs[on_moved] += shift
+        self.meta["f0"]["data_ptr"][: self.count] = ptrs
+        self._pages_written = shift_pages + moved
 
     def __enter__(self) -> "BetonWriter":
         return self

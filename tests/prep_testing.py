@@ -2,7 +2,11 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,11 +18,54 @@ def run_prep(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     )
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit status 1, nothing on stdout, one line on stderr holding each fragment, no traceback."""
-    assert proc.returncode == 1, proc.stderr
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str, status: int = 1) -> None:
+    """Exit status 1 (2: a usage error), nothing on stdout, one line on stderr holding each fragment, no traceback."""
+    assert proc.returncode == status, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], proc.stderr
+
+
+def smooth_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """Low-frequency content: JPEG and resampling errors stay small, so pixel comparisons can be tight."""
+    coarse = rng.uniform(0, 255, size=(3, 3, 3)).astype(np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return pids
+
+
+def start_conversion(src: Path, dst: Path, *args: str) -> subprocess.Popen:
+    """`convert SRC DST ARGS` in a subprocess of its own process group, returned once it is writing."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", "convert", str(src), str(dst), "--workers", "2", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # as a shell job
+    )
+    deadline = time.monotonic() + 60
+    while not list(dst.parent.glob("*.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # workers busy, pages being written
+    assert proc.poll() is None, proc.stderr.read()
+    return proc
+
+
+def assert_nothing_left(proc: subprocess.Popen, dst: Path) -> None:
+    assert list(dst.parent.iterdir()) == []  # no DST, no temporary file, no class list or report
+    deadline = time.monotonic() + 10
+    while processes_mentioning(str(dst)) and time.monotonic() < deadline:  # workers share the command line
+        time.sleep(0.1)
+    assert processes_mentioning(str(dst)) == []

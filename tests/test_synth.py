@@ -87,4 +87,4 @@ def test_cli(tmp_path):
     proc = run_prep("synth", str(tmp_path), *args)
     assert proc.returncode == 0 and "wrote 6 train and 2 val images of 2 classes" in proc.stdout, proc.stderr
     assert_one_line_error(run_prep("synth", str(tmp_path), *args), "exists", "--overwrite")  # again
-    assert_one_line_error(run_prep("synth", str(tmp_path), *args, "--num-classes", "11"), "must be in 1..10")
+    assert_one_line_error(run_prep("synth", str(tmp_path), *args, "--num-classes", "11"), "must be 1..10", status=2)

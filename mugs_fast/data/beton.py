@@ -59,8 +59,10 @@ def metadata_dtype(type_ids: list[int]) -> np.dtype:
 
 
 def sidecar_path(beton_path: str | os.PathLike, kind: str) -> Path:
-    """`DST.beton` -> `DST.<kind>.json` (kind: 'classes', 'report')."""
-    return Path(beton_path).with_suffix(f".{kind}.json")
+    """`DST.beton` -> `DST.beton.<kind>.json` (kind: 'classes', 'report'): from the full name, so that outputs
+    whose names differ only in the suffix (`a.beton`, `a.v2`) never share a side file."""
+    path = Path(beton_path)
+    return path.with_name(f"{path.name}.{kind}.json")
 
 
 class BetonReader:
@@ -69,7 +71,7 @@ class BetonReader:
     `reader[i]` -> (jpeg, label): `jpeg` is a zero-copy, read-only uint8 view into the map (a few us), `label`
     an int. Per-sample int64 arrays, read once at open, for samplers and loaders: `labels`, `heights`,
     `widths`, `sizes` (JPEG byte lengths), `ptrs` (file offsets). `classes`: the class names from
-    `DST.classes.json` beside the file (None when absent); `num_classes`. A reader pickles as its path, so it
+    `DST.beton.classes.json` beside the file (None when absent); `num_classes`. A reader pickles as its path, so it
     can be sent to worker processes. Raises BetonError for a truncated, foreign or unsupported file.
     """
 
