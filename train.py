@@ -8,6 +8,7 @@ resumes the run in --output_dir. Exit status: 0 finished or reached --max_steps,
 import signal
 import sys
 
+from mugs_fast.checkpoint import CheckpointWriteError
 from mugs_fast.config import parse_config
 from mugs_fast.engine import TrainError, train
 
@@ -16,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     try:
         result = train(cfg)
-    except TrainError as e:
+    except (TrainError, CheckpointWriteError) as e:
         print(f"mugs-train: error: {e}", file=sys.stderr)
         return 1
     if result.stopped_by.startswith("SIG"):

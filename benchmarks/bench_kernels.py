@@ -100,14 +100,11 @@ def bf16_matmul_tflops(size: int, repeats: int) -> float:
 
 
 def forced_triton(fn):
-    """`fn` with MUGS_KERNELS=triton: the Triton path or an error, never a silent fallback."""
+    """`fn` under `kernels.use("triton")`: the Triton path or an error, never a silent fallback."""
 
     def run(*args):
-        os.environ["MUGS_KERNELS"] = "triton"
-        try:
+        with kernels.use("triton"):
             return fn(*args)
-        finally:
-            del os.environ["MUGS_KERNELS"]
 
     return run
 

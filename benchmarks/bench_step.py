@@ -16,7 +16,7 @@ timed after the last-layer freeze (every parameter updated, as in most of a run)
       Without --beton the .beton is made here: bench_prep's photo-like images (~400 x 350 px, ~110 KB), converted
       with the longer side <= 512.
   (c) the release's way: `ReferenceLoader` (PIL + torchvision in one DataLoader worker per core), fp32 (TF32
-      matmuls), the PyTorch references of the losses and the top-k (MUGS_KERNELS=torch), same model and batch.
+      matmuls), the PyTorch references of the losses and the top-k (kernels.use("torch")), same model and batch.
       Each worker makes whole batches, so the rate is timed over W = workers batches (one round of them) after
       the first batch has arrived and been trained on.
 MFU = FLOPs per image (`mugs_fast.flops`: matmul FLOPs, 128 G for ViT-S/16, 482 G for ViT-B/16) x images/s / the bf16
@@ -61,12 +61,12 @@ from step_timing import (  # noqa: E402
     fed_from,
     matmul_peak_tflops,
     on_batch,
-    pytorch_kernels,
     syncs_per_step,
     synthetic_batch,
     time_steps,
 )
 
+import kernels  # noqa: E402
 from data_prep.convert import convert  # noqa: E402
 from mugs_fast.config import MugsConfig, recipe  # noqa: E402
 from mugs_fast.flops import step_flops_per_image  # noqa: E402
@@ -193,7 +193,7 @@ def release_way(cfg: MugsConfig, batch: int, beton: Path, args, device: torch.de
     count = args.workers * args.release_rounds
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with pytorch_kernels():
+    with kernels.use("torch"):  # the PyTorch references of the losses and the top-k
         stepper = Stepper(cfg, device)
         stepper(synthetic_batch(cfg, batch, device, torch.float32))  # the first step's set-up stays out of the timing
         loader = ReferenceLoader(

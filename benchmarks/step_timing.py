@@ -2,8 +2,6 @@
 batches (warm-up first, one host sync at the end), the host-GPU sync count, and the switch to the PyTorch kernels.
 """
 
-import contextlib
-import os
 import statistics
 import time
 import warnings
@@ -139,20 +137,6 @@ def endless(loader) -> Iterator[dict]:
         loader.set_epoch(epoch)
         yield from loader
         epoch += 1
-
-
-@contextlib.contextmanager
-def pytorch_kernels():
-    """The PyTorch references of the losses and the top-k instead of the Triton kernels (MUGS_KERNELS=torch)."""
-    old = os.environ.get("MUGS_KERNELS")
-    os.environ["MUGS_KERNELS"] = "torch"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["MUGS_KERNELS"]
-        else:
-            os.environ["MUGS_KERNELS"] = old
 
 
 def syncs_per_step(step: Callable[[], float], steps: int = SYNC_CHECK_STEPS) -> float:

@@ -18,7 +18,6 @@ killed conversion (kill -9) left are removed by the next one.
 import json
 import multiprocessing
 import os
-import re
 import signal
 import threading
 import time
@@ -37,6 +36,7 @@ from data_prep.images import encode_image
 from data_prep.sources import ConversionError, Source, open_source
 from data_prep.writer import MAX_RESOLUTION, BetonWriter, page_size_for
 from mugs_fast.data.beton import sidecar_path
+from mugs_fast.files import atomic_path, atomic_paths, remove_stale_temporaries
 
 __all__ = ["ConversionError", "ConversionSummary", "convert"]
 
@@ -124,69 +124,27 @@ def convert(
     start = time.perf_counter()
     source = open_source(src, classes=classes, limit=limit, labels=labels, classes_from=classes_from)
 
-    remove_stale_temporaries(dst)
-    outputs = [dst, sidecar_path(dst, "classes"), sidecar_path(dst, "report")]  # renamed in this order
-    temporaries = [_temporary(path) for path in outputs]
+    # DST first and the report last: a report means that DST is complete
+    outputs = [dst, sidecar_path(dst, "classes"), sidecar_path(dst, "report")]
+    remove_stale_temporaries(dst.parent, *(glob_escape(path.name) for path in outputs))  # of killed conversions
     page_size = page_size_for(max_resolution)
     encode = partial(
         _encode_chunk, max_resolution=max_resolution, jpeg_quality=jpeg_quality, reencode=reencode, max_bytes=page_size
     )
-    try:
-        with source, _sigterm_raises(), BetonWriter(temporaries[0], 0, page_size) as writer:
+    with atomic_paths(outputs) as (beton_tmp, classes_tmp, report_tmp):
+        with source, _sigterm_raises(), BetonWriter(beton_tmp, 0, page_size) as writer:
             tally = _encode_all(source, writer, encode, workers, progress)
             size = writer.finish() if writer.count else 0
         summary = _summarize(dst, source, tally, size, time.perf_counter() - start)
         report = {**_jsonable(asdict(summary)), "settings": settings, "skipped_files": source.skipped}
         report["converted_files"] = tally.converted
-        if not writer.count:  # no DST: the report says why
+        if not writer.count:  # no DST (the error removes the temporaries): the report, written apart, says why
             _write_json(summary.report, report)
             found = f"none of the {tally.failed} files could be decoded" if tally.failed else f"no images in {src}"
             raise ConversionError(f"{found}: see {summary.report}")
-        _publish(outputs, temporaries, source.classes, report)
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
+        _write_json(classes_tmp, source.classes, atomic=False)
+        _write_json(report_tmp, report, atomic=False)
     return summary
-
-
-def _publish(outputs: list[Path], temporaries: list[Path], classes: list[str], report: dict) -> None:
-    """Writes the class list and the report beside the finished .beton's temporary, then renames the three,
-    DST first and the report last: a report means that DST is complete."""
-    _write_json(temporaries[1], classes, atomic=False)
-    _write_json(temporaries[2], report, atomic=False)
-    for temporary, path in zip(temporaries, outputs, strict=True):
-        os.replace(temporary, path)
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def remove_stale_temporaries(dst: Path) -> list[Path]:
-    """Removes the temporaries of earlier conversions to `dst` whose process is gone (kill -9, a crash, a
-    power cut), as the trainer removes its stale checkpoint temporaries. Returns the removed paths."""
-    names = "|".join(re.escape(path.name) for path in (dst, sidecar_path(dst, "classes"), sidecar_path(dst, "report")))
-    pattern = re.compile(rf"(?:{names})\.tmp-(\d+)")
-    removed = []
-    for path in dst.parent.glob(f"{glob_escape(dst.name)}*.tmp-*"):
-        match = pattern.fullmatch(path.name)
-        if match and not _alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (our own pid counts as gone: its temporaries are not ours)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _check_arguments(dst, max_resolution, jpeg_quality, workers, limit, classes, overwrite) -> None:
@@ -329,12 +287,8 @@ def _write_json(path: Path, obj, atomic: bool = True) -> None:
     if not atomic:
         path.write_text(json.dumps(obj, indent=1) + "\n")
         return
-    tmp = _temporary(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def add_parser(subparsers) -> None:

@@ -1,13 +1,18 @@
 """Which implementation a kernel call takes, and the small facts about the machine that decide it.
 
-By default CUDA tensors take the Triton kernels and everything else the PyTorch path. `MUGS_KERNELS` forces one:
-`torch` always takes PyTorch; `triton` always takes Triton and raises where it cannot run - on CPU tensors it needs
+By default CUDA tensors take the Triton kernels and everything else the PyTorch path. A mode forces one: `torch`
+always takes PyTorch; `triton` always takes Triton and raises where it cannot run - on CPU tensors it needs
 Triton's interpreter (`TRITON_INTERPRET=1`, set before triton is imported), which is how the tests run the kernels.
+Code picks the mode of the calls it makes with `with kernels.use("torch"):` (as timm's per-module fused/reference
+switch: the tests and the benchmarks do so); elsewhere the user's `MUGS_KERNELS=auto|triton|torch` decides.
 """
 
 import functools
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import triton
@@ -54,7 +59,27 @@ def _patch_old_interpreter() -> None:
 _patch_old_interpreter()
 
 
+_MODE: ContextVar[str | None] = ContextVar("kernel_mode", default=None)  # set by `use`; None: MUGS_KERNELS decides
+
+
+@contextmanager
+def use(mode: str) -> Iterator[None]:
+    """Kernel calls in the block (in this thread) take `mode` ("auto", "triton" or "torch"), whatever MUGS_KERNELS
+    says; the mode before it is back after the block."""
+    if mode not in MODES:
+        raise ValueError(f"kernels.use({mode!r}): expected one of {', '.join(MODES)}")
+    token = _MODE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
 def kernel_mode() -> str:
+    """The mode a kernel call takes here: that of the innermost `use` block, else MUGS_KERNELS (default auto)."""
+    mode = _MODE.get()
+    if mode is not None:
+        return mode
     mode = os.environ.get("MUGS_KERNELS", "auto").strip().lower() or "auto"
     if mode not in MODES:
         raise ValueError(f"MUGS_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
@@ -75,9 +100,10 @@ def use_triton(op: str, *tensors: torch.Tensor, unsupported: str | None = None) 
     if mode == "triton":
         if not runnable:
             where = "CUDA tensors" if on_cuda else "CPU tensors without TRITON_INTERPRET=1"
-            raise RuntimeError(f"{op}: MUGS_KERNELS=triton but Triton cannot run on {where}")
+            forced = "kernels.use('triton')" if _MODE.get() else "MUGS_KERNELS=triton"
+            raise RuntimeError(f"{op}: {forced} but Triton cannot run on {where}")
         if unsupported is not None:
-            raise ValueError(f"{op}: the Triton kernel does not support {unsupported} (MUGS_KERNELS=torch does)")
+            raise ValueError(f"{op}: the Triton kernel does not support {unsupported} (the torch mode does)")
         return True
     if not (on_cuda and runnable):
         return False

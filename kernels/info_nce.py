@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.dispatch import TL_DTYPES, dot_dtype, dot_precision, launch_options, num_sms, use_triton
+from kernels.multicrop import multicrop_mean, pair_weights
 
 RESCALE_LOG2 = 8.0  # exp2(logit - running max) stays <= 2^8: no overflow in fp32 sums, fine as bf16 dot operand
 
@@ -110,8 +111,8 @@ def _info_nce_pairs_kernel(
     E,
     splits,
     inv_tau,
-    w_global,  # weight of a (crop j < 2, view i != j) term: 1/(4B), or 1/(2B) without local crops
-    w_local,  # weight of a (crop j >= 2, view i) term: 1/(4(C-2)B)
+    w_global,  # weight of a (crop j < 2, view i != j) term: multicrop.pair_weights / B
+    w_local,  # weight of a (crop j >= 2, view i) term
     stride_s,
     stride_t,
     stride_pa_split,
@@ -259,6 +260,7 @@ def _pairs(
     rows, width = student.shape
     batch = teacher.shape[0] // 2
     crops = rows // batch
+    w_global, w_local = pair_weights(crops)  # of a pair's batch mean: / batch per image
     loss_parts = torch.empty(batch, device=student.device, dtype=torch.float32)
     grad_student = torch.empty_like(student) if grad_s else None
     grad_teacher = torch.empty_like(teacher) if grad_t else None
@@ -276,8 +278,8 @@ def _pairs(
         width,
         part_m.shape[0],
         1 / temperature,
-        1 / (2 * batch) if crops == 2 else 1 / (4 * batch),
-        1 / (4 * (crops - 2) * batch) if crops > 2 else 0.0,
+        w_global / batch,
+        w_local / batch,
         student.stride(0),
         teacher.stride(0),
         part_acc.stride(0),
@@ -317,9 +319,9 @@ def info_nce_ref(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tens
 
     student (C*B, E): crop-major rows, crops 0 and 1 global, the rest local. teacher (2*B, E): the targets of
     views 0 and 1. queue (N, E): negatives, a constant. For each pair the term is
-    CE([s_j . t_i, s_j . queue] / tau, target 0), averaged over the batch; the result is
-    0.5 * (mean over the 2 global pairs + mean over the 2 * (C - 2) local pairs), or the global mean alone
-    when there are no local crops. Computed in fp32 (fp64 for fp64 inputs).
+    CE([s_j . t_i, s_j . queue] / tau, target 0), averaged over the batch; the result is their
+    `multicrop_mean`: 0.5 * (mean over the 2 global pairs + mean over the 2 * (C - 2) local pairs), or the global
+    mean alone when there are no local crops. Computed in fp32 (fp64 for fp64 inputs).
     """
     batch = teacher.shape[0] // 2
     crops = student.shape[0] // batch
@@ -329,10 +331,7 @@ def info_nce_ref(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tens
     neg_lse = torch.logsumexp(s @ queue.to(dtype).T / temperature, dim=-1)  # (C, B)
     pos = torch.einsum("cbe,vbe->cvb", s, t) / temperature  # (C, 2, B)
     terms = (torch.logaddexp(pos, neg_lse[:, None]) - pos).mean(-1)  # (C, 2): loss of (crop j, view i)
-    global_mean = (terms[1, 0] + terms[0, 1]) / 2
-    if crops == 2:
-        return global_mean
-    return 0.5 * (global_mean + terms[2:].mean())
+    return multicrop_mean(terms.T)
 
 
 def _check_inputs(student: torch.Tensor, teacher: torch.Tensor, queue: torch.Tensor, temperature: float) -> None:

@@ -172,31 +172,24 @@ def _topk_cosine_triton(
     return sims, part_i.view(rows, splits * k).gather(1, pos).long()
 
 
-def topk_cosine_ref(
-    queries: torch.Tensor, memory: torch.Tensor, k: int, n_valid: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference: the k rows of `memory[:n_valid]` most cosine-similar to each query.
+TORCH_CHUNK_ELEMS = 1 << 24  # the PyTorch path's similarities at a time: 64 MiB in fp32
 
-    queries (Q, D), memory (N, D), any float dtype, normalised or not.
+
+def topk_cosine_ref(
+    queries: torch.Tensor, memory: torch.Tensor, k: int, n_valid: int | None = None, chunk_elems: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference, and the PyTorch path of `topk_cosine`: the k rows of `memory[:n_valid]` most cosine-similar to
+    each query.
+
+    queries (Q, D), memory (N, D), any float dtype, normalised or not. chunk_elems: search blocks of queries so that
+    at most this many similarities exist at a time (default: all queries at once).
     Returns similarities (Q, k) in fp32 (fp64 for fp64 inputs), sorted descending, and indices (Q, k) int64.
     """
     n = memory.shape[0] if n_valid is None else n_valid
     dtype = torch.promote_types(queries.dtype, torch.float32)
     q = F.normalize(queries.to(dtype), dim=1)
     m = F.normalize(memory[:n].to(dtype), dim=1)
-    sims = q @ m.T  # (Q, n)
-    return sims.topk(k, dim=1)
-
-
-def _topk_cosine_torch(
-    queries: torch.Tensor, memory: torch.Tensor, k: int, n_valid: int, chunk_elems: int = 1 << 24
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch path (CPU, or shapes the kernel does not take): the reference's maths over blocks of queries,
-    so that at most `chunk_elems` similarities exist at a time."""
-    dtype = torch.promote_types(queries.dtype, torch.float32)  # as the reference
-    m = F.normalize(memory[:n_valid].to(dtype), dim=1)  # (n, D)
-    q = F.normalize(queries.to(dtype), dim=1)
-    chunk = max(1, chunk_elems // n_valid)
+    chunk = max(1, queries.shape[0] if chunk_elems is None else chunk_elems // n)
     parts = [(q_blk @ m.T).topk(k, dim=1) for q_blk in q.split(chunk)]  # each (chunk, n) -> (chunk, k)
     return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
 
@@ -248,4 +241,4 @@ def topk_cosine(
     with torch.no_grad():
         if use_triton("topk_cosine", queries, memory, unsupported=_unsupported(queries, memory, k)):
             return _topk_cosine_triton(queries, memory, k, n_valid)
-        return _topk_cosine_torch(queries, memory, k, n_valid)
+        return topk_cosine_ref(queries, memory, k, n_valid, chunk_elems=TORCH_CHUNK_ELEMS)

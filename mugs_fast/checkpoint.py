@@ -3,7 +3,7 @@
 A checkpoint is one `torch.save` dict that loads with `weights_only=True`:
 
     student, teacher, student_mem, teacher_mem,        the release's entries and key layout (spec 9.1), from
-    instance-sup., local-group-sup., group-sup.        `Mugs.checkpoint_state()`
+    instance-sup., local-group-sup., group-sup.        `release_entries(model)`
     optimizer                                          optimizer.state_dict()
     step                                               optimiser steps done = the index of the next step
     epoch                                              step // iterations per epoch (the release: epoch + 1
@@ -21,14 +21,17 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from mugs_fast import files
 from mugs_fast.config import MugsConfig
-from mugs_fast.mugs import Mugs
+from mugs_fast.memory import FeatureMemory, FeatureQueue
+from mugs_fast.mugs import Mugs, unwrap
 from mugs_fast.runtime import Runtime
 from mugs_fast.vit import MugsViT, build_backbone
 
@@ -39,6 +42,10 @@ class CheckpointError(ValueError):
     """A file that is not a readable mugs-fast training checkpoint (one-line message)."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (disk full, quota, I/O error): one line naming the file."""
+
+
 def numbered_name(epoch: int) -> str:
     """The release's numbered copy: checkpoint0050.pth for epoch 50."""
     return f"checkpoint{epoch:04}.pth"
@@ -47,48 +54,55 @@ def numbered_name(epoch: int) -> str:
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save to `path` through a temporary file in the same directory, fsync'ed, then renamed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        _torch_save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    files.fsync_dir(path.parent)
     return path
+
+
+class _WriteErrorKeeper:
+    """A file for torch.save that keeps the OSError of a failed write (e.g. the disk is full)."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj: Any, file: BinaryIO) -> None:
+    """torch.save; a failed write raises its OSError, not the RuntimeError ("unexpected pos") that torch's zip
+    writer makes of it."""
+    keeper = _WriteErrorKeeper(file)
+    try:
+        torch.save(obj, keeper)
+    except RuntimeError:
+        if keeper.error is None:
+            raise
+        raise keeper.error from None
 
 
 def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy `src` to `dst` through a temporary file and a rename."""
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
+    with files.atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 
-def remove_stale_temporaries(directory: str | os.PathLike) -> None:
-    """Deletes temporaries left by a process killed mid-write (e.g. SIGKILL after a preemption grace period)."""
-    for tmp in Path(directory).glob(".checkpoint*.pth.tmp-*"):
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Deletes the checkpoint temporaries of a process killed mid-write (e.g. SIGKILL after a preemption grace
+    period); returns them."""
+    return files.remove_stale_temporaries(directory, "checkpoint*.pth")
 
 
 def rng_state() -> dict[str, Any]:
@@ -114,6 +128,65 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def release_entries(model: Mugs) -> dict[str, dict[str, torch.Tensor]]:
+    """The model's entries of a checkpoint in the release's layout (spec 9.1): `student` (keys prefixed
+    `module.`, as the release's DDP student), `teacher`, `student_mem`, `teacher_mem`, `instance-sup.`,
+    `local-group-sup.` and `group-sup.` (entries of switched-off supervisions are left out)."""
+    state = {
+        "student": {f"module.{k}": v for k, v in unwrap(model.student).state_dict().items()},
+        "teacher": model.teacher.state_dict(),
+    }
+    if model.student_memory is not None:
+        state["student_mem"] = memory_entry(model.student_memory)
+        state["teacher_mem"] = memory_entry(model.teacher_memory)
+    if model.instance_queue is not None:
+        state["instance-sup."] = queue_entry(model.instance_queue)
+    if model.local_group_queue is not None:
+        state["local-group-sup."] = queue_entry(model.local_group_queue)
+    if model.group_loss is not None:
+        state["group-sup."] = model.group_loss.state_dict()
+    return state
+
+
+def load_release_entries(model: Mugs, state: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Loads `release_entries()` (ours or the release's) strictly; `module.` prefixes are optional."""
+    student = {k.removeprefix("module."): v for k, v in state["student"].items()}
+    unwrap(model.student).load_state_dict(student)
+    model.teacher.load_state_dict(state["teacher"])
+    with torch.no_grad():
+        if model.student_memory is not None:
+            load_memory_entry(model.student_memory, state["student_mem"])
+            load_memory_entry(model.teacher_memory, state["teacher_mem"])
+        if model.instance_queue is not None:
+            load_queue_entry(model.instance_queue, state["instance-sup."])
+        if model.local_group_queue is not None:
+            load_queue_entry(model.local_group_queue, state["local-group-sup."])
+    if model.group_loss is not None:
+        model.group_loss.load_state_dict(state["group-sup."])
+
+
+def queue_entry(queue: FeatureQueue) -> dict[str, torch.Tensor]:
+    """The release's `InfoNCELoss` state dict: `queue` (dim, size) - columns, where we keep rows - and `queue_ptr`."""
+    return {"queue": queue.queue.T, "queue_ptr": queue.ptr}
+
+
+def load_queue_entry(queue: FeatureQueue, entry: dict[str, torch.Tensor]) -> None:
+    queue.queue.copy_(entry["queue"].T)
+    queue.ptr.copy_(entry["queue_ptr"])
+
+
+def memory_entry(memory: FeatureMemory) -> dict[str, torch.Tensor]:
+    """The release's `vit_mem` state dict: its three copies of the rows (one storage in a saved file) and pointer."""
+    f = memory.features
+    return {"block.queue_q": f, "block.queue_k": f, "block.queue_v": f, "block.queue_ptr": memory.ptr}
+
+
+def load_memory_entry(memory: FeatureMemory, entry: dict[str, torch.Tensor]) -> None:
+    memory.features.copy_(entry["block.queue_k"])  # the rows the release returns as neighbours
+    memory.ptr.copy_(entry["block.queue_ptr"])
+    memory.refresh_shadow()
+
+
 def training_state(
     model: Mugs,
     optimizer: torch.optim.Optimizer,
@@ -125,7 +198,7 @@ def training_state(
 ) -> dict[str, Any]:
     """The checkpoint dict of a run after `step` optimiser steps (see the module docstring)."""
     return {
-        **model.checkpoint_state(),
+        **release_entries(model),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "epoch": step // iters_per_epoch,
@@ -140,7 +213,7 @@ def restore_training_state(
     ckpt: dict[str, Any], model: Mugs, optimizer: torch.optim.Optimizer, loader, rank: int
 ) -> int:
     """Loads a checkpoint into the model, optimizer and loader, and this rank's RNG states; returns the step."""
-    model.load_checkpoint_state(ckpt)
+    load_release_entries(model, ckpt)
     optimizer.load_state_dict(ckpt["optimizer"])
     loader.load_state_dict(ckpt["loader"])
     set_rng_state(ckpt["rng"][rank])
@@ -183,13 +256,23 @@ class Checkpointer:
             state = training_state(
                 self.model, self.optimizer, loader_state, step, self.iters_per_epoch, rng_states, self.version
             )
-            atomic_save(state, self.path)
+            _write_or_explain(atomic_save, state, self.path)
         self.last_step, self._last_time = step, time.monotonic()
 
     def keep_numbered(self, epoch: int) -> None:
         """Copies the checkpoint written at the end of `epoch` to checkpoint{epoch:04}.pth."""
         if self.rt.is_main:
-            atomic_copy(self.path, self.output_dir / numbered_name(epoch))
+            _write_or_explain(atomic_copy, self.path, self.output_dir / numbered_name(epoch))
+
+
+def _write_or_explain(write: Callable[[Any, Path], Path], source: Any, path: Path) -> None:
+    """`write(source, path)`; an OSError becomes a CheckpointWriteError. The write is atomic: the file that was
+    at `path` before is still there, whole."""
+    try:
+        write(source, path)
+    except OSError as e:
+        kept = f"the previous {path.name} is kept" if path.exists() else f"no {path.name} was written"
+        raise CheckpointWriteError(f"cannot write {path}: {e.strerror or e}; {kept}") from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

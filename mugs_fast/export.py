@@ -19,7 +19,6 @@ leaves no file that looks like a good one.
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from mugs_fast.checkpoint import (
 )
 from mugs_fast.config import MugsConfig
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
+from mugs_fast.files import atomic_paths
 from mugs_fast.vit import ARCHS
 
 
@@ -91,19 +91,14 @@ def export(ckpt_path: Path, out: Path, *, checkpoint_key: str = "teacher", verif
         "arch": cfg.arch,
     }
     metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items()}}
-    # temporary names keep the suffix: timm picks its loader by the file's suffix
-    tmp = {p: p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}") for p in (safetensors_path, pth_path)}
-    try:
-        save_file(plain, tmp[safetensors_path], metadata=metadata)
-        torch.save({"state_dict": full}, tmp[pth_path])
+    # temporary names keep the suffix: timm picks its loader by the file's suffix; both are renamed only once timm
+    # reproduces the features
+    with atomic_paths([safetensors_path, pth_path], keep_suffix=True) as (safetensors_tmp, pth_tmp):
+        save_file(plain, safetensors_tmp, metadata=metadata)
+        torch.save({"state_dict": full}, pth_tmp)
         if verify:
-            overlay = {**kwargs["pretrained_cfg_overlay"], "file": str(tmp[safetensors_path])}
+            overlay = {**kwargs["pretrained_cfg_overlay"], "file": str(safetensors_tmp)}
             _verify(ckpt, name, {**kwargs, "pretrained_cfg_overlay": overlay}, checkpoint_key)
-        for path, written in tmp.items():
-            os.replace(written, path)
-    finally:
-        for written in tmp.values():
-            written.unlink(missing_ok=True)
     (out / "export.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 

@@ -6,6 +6,8 @@ Features: the teacher's CLS token after the final LayerNorm (relation block skip
 Resize(256, bicubic) -> CenterCrop(224) images (scaled with the run's crop size). Each validation image takes
 its k most cosine-similar training images; each votes for its label with weight exp(similarity / T); the
 classes with the largest sums are the top-1 / top-5 predictions. T = 0.05 for ViT-Ti/S, 0.04 for ViT-B/L.
+Labels are matched by index, so the two sets must list the same classes in the same order (their
+`.classes.json` side files): anything else is refused before any feature is computed.
 """
 
 import argparse
@@ -19,10 +21,41 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mugs_fast.data.beton import BetonError
+from mugs_fast.data.beton import BetonError, BetonReader, sidecar_path
 from mugs_fast.distributed import all_gather_cat
 
 DEFAULT_KS = (10, 20, 100, 200)
+
+
+class DatasetMismatch(ValueError):
+    """A val set whose labels do not mean what the train set's labels mean (one-line message)."""
+
+
+def check_knn_datasets(train: BetonReader, val: BetonReader) -> None:
+    """Refuses a val set whose labels cannot be matched to the train set's by index: class lists (the
+    `.classes.json` side files) that differ, or, without both lists, val labels beyond the train set's classes.
+    Also an empty val set. Raises DatasetMismatch."""
+    if len(val) == 0:
+        raise DatasetMismatch("holds no samples")
+    if train.classes is not None and val.classes is not None:
+        if val.classes != train.classes:
+            raise DatasetMismatch(
+                f"its class list ({sidecar_path(val.path, 'classes').name}) differs from the training set's "
+                f"({sidecar_path(train.path, 'classes').name}): {_first_difference(train.classes, val.classes)}; "
+                "kNN matches labels by index: convert both splits from trees with the same class folders"
+            )
+    elif int(val.labels.max()) >= train.num_classes:
+        raise DatasetMismatch(
+            f"labels up to {int(val.labels.max())}, but the training set {train.path.name} has {train.num_classes} "
+            "classes: kNN matches labels by index"
+        )
+
+
+def _first_difference(train: list[str], val: list[str]) -> str:
+    for label, (t, v) in enumerate(zip(train, val, strict=False)):  # lists of other lengths too
+        if t != v:
+            return f"label {label} is {v!r} in val, {t!r} in train"
+    return f"{len(val)} classes in val, {len(train)} in train"
 
 
 def knn_temperature(arch: str) -> float:
@@ -105,10 +138,12 @@ def evaluate_knn(
     """kNN accuracies of `backbone` (on its device) with `train_path` as the memory bank, on `val_path`.
 
     Every rank must call it (features are gathered). Returns a JSON-able dict: per k top1 / top5 (%), the
-    temperature, the numbers of samples and classes.
+    temperature, the numbers of samples and classes. Raises DatasetMismatch (`check_knn_datasets`) and
+    BetonError before any feature is computed.
     """
     from mugs_fast.data.eval_loader import EvalLoader  # imports DALI
 
+    check_knn_datasets(BetonReader(train_path), BetonReader(val_path))
     device = next(backbone.parameters()).device
     loader_args = dict(crop_size=crop_size, device=device, rank=rank, world_size=world_size, num_threads=num_threads)
     train_loader = EvalLoader(train_path, batch_size, **loader_args)
@@ -179,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                 num_threads=loader_threads,
                 progress=True,
             )
+    except DatasetMismatch as e:
+        print(f"mugs-knn: error: --val {args.val}: {e}", file=sys.stderr)
+        return 1
     except (CheckpointError, BetonError, FileNotFoundError) as e:
         print(f"mugs-knn: error: {e}", file=sys.stderr)
         return 1

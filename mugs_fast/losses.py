@@ -1,7 +1,7 @@
 """The three Mugs supervisions (spec 5): tensors in, a scalar out; no loss writes a buffer.
 
 Rows are crop-major: student (C*B, ...) = [global 0; global 1; local 0; ...], teacher (2*B, ...) = [view 0; view 1].
-Teacher view i is paired with every student crop j != i, and each loss is
+Teacher view i is paired with every student crop j != i, and each loss is their `kernels.multicrop.multicrop_mean`:
 0.5 * (mean over the 2 global pairs + mean over the 2*(C-2) local pairs) (the global mean alone when C = 2).
 Losses are computed in fp32 whatever the input dtype (fp64 stays fp64, for tests).
 """
@@ -11,15 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.multicrop import multicrop_mean
 from mugs_fast.distributed import all_reduce_mean
-
-
-def multicrop_mean(terms: torch.Tensor) -> torch.Tensor:
-    """Per-pair losses (2, C) [teacher view i, student crop j] -> the Mugs average over pairs j != i."""
-    global_mean = (terms[0, 1] + terms[1, 0]) / 2
-    if terms.shape[1] == 2:
-        return global_mean
-    return 0.5 * (global_mean + terms[:, 2:].mean())
 
 
 class InfoNCELoss(nn.Module):

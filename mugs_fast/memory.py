@@ -22,8 +22,8 @@ def _ring_positions(ptr: torch.Tensor, n: int, size: int) -> torch.Tensor:
 class FeatureQueue(nn.Module):
     """InfoNCE negatives: `size` rows of width `dim` (random unit vectors at first), FIFO with a correct pointer.
 
-    Rows, not the release's columns: `queue` is (size, dim), the layout `kernels.info_nce` takes;
-    `release_state()` / `load_release_state()` convert to and from the release's (dim, size) checkpoint entry.
+    Rows, not the release's columns: `queue` is (size, dim), the layout `kernels.info_nce` takes (checkpoint.py
+    converts to and from the release's (dim, size) checkpoint entry).
     """
 
     def __init__(self, size: int, dim: int) -> None:
@@ -43,22 +43,15 @@ class FeatureQueue(nn.Module):
         self.queue.index_copy_(0, _ring_positions(self.ptr, rows.shape[0], size), rows)
         self.ptr.copy_((self.ptr + rows.shape[0]) % size)
 
-    def release_state(self) -> dict[str, torch.Tensor]:
-        """The release's `InfoNCELoss` state dict: `queue` (dim, size), `queue_ptr`."""
-        return {"queue": self.queue.T, "queue_ptr": self.ptr}
-
-    def load_release_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.queue.copy_(state["queue"].T)
-        self.ptr.copy_(state["queue_ptr"])
-
 
 class FeatureMemory(nn.Module):
     """A local-group memory: `size` stored features (size, dim) fp32, searched by cosine top-k.
 
     Starts as unnormalised randn noise, as in the release, which also stores one set of rows where the release
-    keeps three copies (queue_q/k/v, equal after any write; only their initial noise differs). Beside the fp32
-    rows lives a derived, L2-normalised shadow (bf16 on CUDA when `low_precision`, else fp32) that `retrieve`
-    searches; writes update the shadow rows they write, so no search re-normalises the memory.
+    keeps three copies (queue_q/k/v, equal after any write; only their initial noise differs; checkpoint.py
+    writes and reads that layout). Beside the fp32 rows lives a derived, L2-normalised shadow (bf16 on CUDA when
+    `low_precision`, else fp32) that `retrieve` searches; writes update the shadow rows they write, so no search
+    re-normalises the memory.
 
     The pointer advances by the number of rows written (a correct FIFO), or, with `official_pointer`, by twice
     that unless the write wraps around (the release's behaviour, spec 4.3).
@@ -130,13 +123,3 @@ class FeatureMemory(nn.Module):
             return end % self.size
         # The release: ptr + 2n when the write does not wrap, else the correct ptr + n - size.
         return torch.where(end > self.size, end - self.size, (end + count) % self.size)
-
-    def release_state(self) -> dict[str, torch.Tensor]:
-        """The release's `vit_mem` state dict (the three copies share one storage in a saved file)."""
-        f = self.features
-        return {"block.queue_q": f, "block.queue_k": f, "block.queue_v": f, "block.queue_ptr": self.ptr}
-
-    def load_release_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.features.copy_(state["block.queue_k"])  # the rows the release returns as neighbours
-        self.ptr.copy_(state["block.queue_ptr"])
-        self.refresh_shadow()

@@ -112,7 +112,7 @@ class Mugs(nn.Module):
 
     A supervision with weight 0 has no head, queue, memory (or relation block) at all. The trainer may replace
     `model.student` with a DDP (and/or torch.compile) wrapper of itself; everything here unwraps it as needed.
-    `state_dict()` holds everything; `checkpoint_state()` gives the release's checkpoint layout.
+    `state_dict()` holds everything; `checkpoint.release_entries()` gives the release's checkpoint layout.
     """
 
     def __init__(self, cfg: MugsConfig) -> None:
@@ -223,43 +223,6 @@ class Mugs(nn.Module):
             return None
         names = [n for n, bad in zip((*LOSS_NAMES, "loss"), self.nonfinite_flags.tolist(), strict=True) if bad]
         return f"non-finite loss at step {step}: {', '.join(names)}"
-
-    # ---- checkpoints ----
-
-    def checkpoint_state(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The model's entries of a checkpoint in the release's layout (spec 9.1): `student` (keys prefixed
-        `module.`, as the release's DDP student), `teacher`, `student_mem`, `teacher_mem`, `instance-sup.`,
-        `local-group-sup.` and `group-sup.` (entries of switched-off supervisions are left out)."""
-        state = {
-            "student": {f"module.{k}": v for k, v in unwrap(self.student).state_dict().items()},
-            "teacher": self.teacher.state_dict(),
-        }
-        if self.student_memory is not None:
-            state["student_mem"] = self.student_memory.release_state()
-            state["teacher_mem"] = self.teacher_memory.release_state()
-        if self.instance_queue is not None:
-            state["instance-sup."] = self.instance_queue.release_state()
-        if self.local_group_queue is not None:
-            state["local-group-sup."] = self.local_group_queue.release_state()
-        if self.group_loss is not None:
-            state["group-sup."] = self.group_loss.state_dict()
-        return state
-
-    def load_checkpoint_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Load `checkpoint_state()` entries (ours or the release's) strictly; `module.` prefixes are optional."""
-        student = {k.removeprefix("module."): v for k, v in state["student"].items()}
-        unwrap(self.student).load_state_dict(student)
-        self.teacher.load_state_dict(state["teacher"])
-        with torch.no_grad():
-            if self.student_memory is not None:
-                self.student_memory.load_release_state(state["student_mem"])
-                self.teacher_memory.load_release_state(state["teacher_mem"])
-            if self.instance_queue is not None:
-                self.instance_queue.load_release_state(state["instance-sup."])
-            if self.local_group_queue is not None:
-                self.local_group_queue.load_release_state(state["local-group-sup."])
-        if self.group_loss is not None:
-            self.group_loss.load_state_dict(state["group-sup."])
 
 
 def autocast(cfg: MugsConfig, device: torch.device) -> contextlib.AbstractContextManager:

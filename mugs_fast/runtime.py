@@ -4,15 +4,28 @@
 distributed: NCCL between GPUs, gloo between CPU processes. Decisions that every rank must take together
 (stop now, write a checkpoint now, a loss went non-finite) go through `Runtime.vote`, a host-side
 all-reduce over a gloo group: it never waits for the GPU.
+
+A run directory belongs to one run at a time (`RunLock`), workers whose torchrun agent died stop
+(`stop_with_launcher`), and a collective that waits longer than `--collective_timeout_minutes` for a frozen
+rank fails with a message naming that rank (`collective_failure`).
 """
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import os
 import random
 import signal
+import socket
+import threading
+import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -75,11 +88,14 @@ def init_runtime(cfg: MugsConfig) -> Runtime:
         torch.backends.cudnn.benchmark = True
     else:
         device = torch.device("cpu")
+    stop_with_launcher()
     control = None
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30), device_id=device if backend == "nccl" else None)
-        control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        # every group gets the timeout: new_group's default is torch's 30 minutes, not the default group's
+        timeout = timedelta(minutes=cfg.collective_timeout_minutes)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
+        control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
     seed_everything(cfg.seed)
     rt = Runtime(rank, world_size, local_rank, device, control, previous_torch_threads=torch.get_num_threads())
     rt.loader_threads = cfg.num_workers
@@ -157,3 +173,128 @@ class StopSignal:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+LOCK_NAME = "run.lock"
+
+
+class RunLock:
+    """Ownership of a run directory: an exclusive flock on `run.lock`, held by rank 0 for the run's life.
+
+    The kernel drops the lock when its holder dies, however it dies (kill -9; on NFS, a crashed node's locks go
+    when its lease expires): a dead run never blocks the next one, while a live one (a second command on the
+    same directory, a worker orphaned by a killed launcher) does. The file keeps its holder's "pid N on HOST"
+    for the refusal message.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns None, or the holder ("pid N on HOST") when another process holds it."""
+        f = open(self.path, "a+")  # noqa: SIM115 - held open while the lock is held; closed by release()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"  # empty while the holder is writing its line
+            f.close()
+            return holder
+        except OSError as e:  # a filesystem without locks (ENOLCK on some NFS mounts): run, unprotected
+            f.close()
+            warnings.warn(
+                f"{self.path}: cannot lock ({errno.errorcode.get(e.errno, e)}): nothing stops a second run "
+                "from using this directory at the same time",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        self._file = f
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the last descriptor of the open file drops the flock
+            self._file = None
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun, has the kernel send this worker SIGTERM when its launcher (the elastic agent) dies.
+
+    Workers outlive an agent killed with -9 (a job requeued by the cluster, a user's kill): without this they
+    train on beside the requeued job. SIGTERM makes them stop as on preemption (finish the step, checkpoint,
+    exit 143). Linux only; elsewhere, and outside torchrun (where the parent is a shell or a cluster daemon), a
+    no-op.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+    prctl = getattr(ctypes.CDLL(None, use_errno=True), "prctl", None)
+    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        return
+    if os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_FAILED_KEY = "mugs-fast/collective-failed/{}"
+
+
+def collective_failure(rt: Runtime, error: BaseException, timeout_minutes: float) -> str | None:
+    """One line for a collective that timed out or lost a peer (None for any other error).
+
+    After a timeout the process group's connections are closed, so the ranks find the silent ones through the
+    rendezvous store (a server outside the collectives): every rank that failed marks itself there, and a rank
+    that timed out waits a little (the others time out at about the same moment) and names the unmarked ones.
+    """
+    text = str(error).strip()
+    timed_out = "timed out" in text.lower() or "timeout" in text.lower()
+    lost = "connection closed by peer" in text.lower() or "connection reset by peer" in text.lower()
+    if not rt.distributed or not (timed_out or lost):
+        return None
+    detail = text.splitlines()[0][:300] if text else type(error).__name__
+    if not timed_out:
+        _mark_failed(rt, wait_s=0)
+        return f"rank {rt.rank}: lost the connection to another rank (it stopped or died: see its log) ({detail})"
+    silent = _mark_failed(rt, wait_s=min(60.0, 15 * timeout_minutes))  # a quarter of the timeout, at most 1 min
+    if silent is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+        silent = [0]  # without torchrun's agent, rank 0 hosts the store: a store that does not answer is rank 0's
+    if silent is None:
+        who = "the silent rank is unknown (the rendezvous store does not answer)"
+    elif silent:
+        who = f"no answer from rank {', '.join(map(str, silent))} (frozen or stuck: see its log)"
+    else:
+        who = "every rank answered in the end (one was slower than the timeout: raise it)"
+    what = f"a collective timed out after {timeout_minutes:g} min (--collective_timeout_minutes)"
+    return f"rank {rt.rank}: {what}; {who} ({detail})"
+
+
+def _mark_failed(rt: Runtime, wait_s: float) -> list[int] | None:
+    """Marks this rank in the store, then waits up to wait_s for every rank to do so; returns the ranks that did
+    not, or None when the store does not answer in time (its host may be the frozen process: a store call to a
+    stopped host can block for good, hence the thread)."""
+    result: list[list[int] | None] = []
+    poll = threading.Thread(target=lambda: result.append(_poll_store(rt, wait_s)), daemon=True)
+    poll.start()
+    poll.join(wait_s + 5)
+    return result[0] if result else None
+
+
+def _poll_store(rt: Runtime, wait_s: float) -> list[int] | None:
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(_FAILED_KEY.format(rt.rank), "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in range(rt.world_size) if not store.check([_FAILED_KEY.format(r)])]
+            if not silent or time.monotonic() >= deadline:
+                return silent
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - any store error means "unknown"; the caller reports the collective's error
+        return None

@@ -16,13 +16,15 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
-def triton_path(monkeypatch):
-    """Force the Triton kernels (`MUGS_KERNELS=triton`): on CPU tensors they run under the interpreter set above."""
+def triton_path():
+    """Force the Triton kernels (`kernels.use("triton")`): on CPU tensors they run under the interpreter set above."""
+    import kernels
     from kernels import dispatch
 
     if not (HAS_CUDA or dispatch.interpreting()):
         pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-    monkeypatch.setenv("MUGS_KERNELS", "triton")
+    with kernels.use("triton"):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

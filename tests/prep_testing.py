@@ -34,6 +34,13 @@ def smooth_image(rng: np.random.Generator, width: int, height: int) -> Image.Ima
     return Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and was reaped): no process of that pid runs now."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def processes_mentioning(text: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

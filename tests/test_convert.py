@@ -4,8 +4,6 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image
 from prep_testing import (
     assert_nothing_left,
     assert_one_line_error,
+    dead_pid,
     processes_mentioning,
     run_prep,
     smooth_image,
@@ -297,16 +296,10 @@ def test_no_report_unless_the_beton_is_in_place(folder, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no report of a success, no class list, no temporaries
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_stale_temporaries_of_dead_conversions_are_removed(folder, tmp_path):
-    dead, alive = _dead_pid(), os.getppid()
-    stale = [f"out.beton.tmp-{dead}", f"out.beton.report.json.tmp-{dead}", f"out.beton.classes.json.tmp-{dead}"]
-    kept = [f"out.beton.tmp-{alive}", f"other.beton.tmp-{dead}", "out.beton.tmp-notapid"]
+    dead, alive = dead_pid(), os.getppid()
+    stale = [f".out.beton.tmp-{dead}", f".out.beton.report.json.tmp-{dead}", f".out.beton.classes.json.tmp-{dead}"]
+    kept = [f".out.beton.tmp-{alive}", f".other.beton.tmp-{dead}", ".out.beton.tmp-notapid"]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"partial")
     convert(folder, tmp_path / "out.beton", max_resolution=32, progress=False)
@@ -347,7 +340,7 @@ def test_rerun_after_kill_9_removes_the_temporary(slow_folder, tmp_path):
     proc = start_conversion(slow_folder, dst)
     os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: the temporary stays
     proc.communicate(timeout=60)
-    assert [p.name for p in tmp_path.iterdir()] == [f"killed.beton.tmp-{proc.pid}"]
+    assert [p.name for p in tmp_path.iterdir()] == [f".killed.beton.tmp-{proc.pid}"]
     assert run_prep("convert", str(slow_folder), str(dst), "--limit", "6", "--no-progress").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "killed.beton",

@@ -7,7 +7,7 @@ import timm
 import torch
 from mugs_testing import small_cfg
 
-from mugs_fast.checkpoint import atomic_save, backbone_from_checkpoint
+from mugs_fast.checkpoint import atomic_save, backbone_from_checkpoint, release_entries
 from mugs_fast.config import recipe
 from mugs_fast.export import ExportError, export, main, timm_call
 from mugs_fast.mugs import Mugs
@@ -26,7 +26,7 @@ def _checkpoint(tmp_path, cfg):
     model = Mugs(cfg)
     _perturb(model.teacher)
     path = tmp_path / "checkpoint.pth"
-    atomic_save({**model.checkpoint_state(), "config": cfg.to_dict(), "step": 7}, path)
+    atomic_save({**release_entries(model), "config": cfg.to_dict(), "step": 7}, path)
     return path, model
 
 

@@ -2,12 +2,14 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from _fixtures import write_beton
 
+from mugs_fast.data.beton import sidecar_path
 from mugs_fast.knn import knn_classify, knn_temperature, main
 
 
@@ -98,3 +100,38 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys, problem):
     assert main([str(ckpt), "--train", str(train_beton), "--val", str(val_beton), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mugs-knn: error:") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def _copy_with_classes(path, directory, classes):
+    """A copy of the .beton `path` in `directory`, with the class list `classes` beside it (None: no list)."""
+    directory.mkdir(exist_ok=True)
+    copy = shutil.copy(path, directory / path.name)
+    if classes is not None:
+        sidecar_path(copy, "classes").write_text(json.dumps(classes))
+    return copy
+
+
+# (train's class list, val's class list, val's number of labels, the error); the train set has 5 labels
+CLASS_LIST_CASES = {
+    "same": (list("abcde"), list("abcde"), 5, None),
+    "renamed": (list("abcde"), list("abxde"), 5, "label 2 is 'x' in val, 'c' in train"),
+    "fewer": (list("abcde"), list("abcd"), 4, "4 classes in val, 5 in train"),
+    "no_lists": (None, None, 7, "labels up to 6, but the training set train.beton has 5 classes"),
+}
+
+
+@pytest.mark.parametrize("case", CLASS_LIST_CASES)
+def test_cli_refuses_a_val_set_whose_labels_mean_other_classes(tiny_run, tmp_path, capsys, case):
+    ckpt, train_beton, _ = tiny_run
+    train_classes, val_classes, val_labels, error = CLASS_LIST_CASES[case]
+    train_copy = _copy_with_classes(train_beton, tmp_path / "train", train_classes)
+    val = write_beton(tmp_path / "val.beton", 11, num_classes=val_labels)
+    val = _copy_with_classes(val, tmp_path / "val", val_classes)
+    args = [str(ckpt), "--train", str(train_copy), "--val", str(val), "--k", "3", "--out", str(tmp_path / "o.json")]
+    status = main(args)
+    err = capsys.readouterr().err
+    if error is None:
+        assert status == 0
+        return
+    assert status == 1 and err.startswith(f"mugs-knn: error: --val {val}: ") and err.count("\n") == 1
+    assert error in err and "kNN matches labels by index" in err

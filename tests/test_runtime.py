@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from mugs_fast.config import MugsConfig
-from mugs_fast.runtime import StopSignal, cpu_thread_budget, cpu_threads, init_runtime, shutdown
+from mugs_fast.runtime import (
+    Runtime,
+    StopSignal,
+    collective_failure,
+    cpu_thread_budget,
+    cpu_threads,
+    init_runtime,
+    shutdown,
+)
 
 
 def test_sigterm_and_sigint_set_the_flag_instead_of_stopping():
@@ -52,3 +60,11 @@ def test_runtime_of_a_single_cpu_process_and_its_thread_budget():
     with cpu_thread_budget(1) as loader_threads:
         assert loader_threads == 1
     assert torch.get_num_threads() == before
+
+
+def test_collective_failure_leaves_other_errors_alone():
+    # the timed-out and lost-connection paths run in test_train.py (2 processes, one frozen)
+    pair = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    assert collective_failure(pair, RuntimeError("CUDA error: out of memory"), 10) is None
+    single = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert collective_failure(single, RuntimeError("Timed out waiting 3000ms for recv operation"), 10) is None

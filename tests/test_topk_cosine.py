@@ -71,7 +71,7 @@ def test_reference_n_valid_searches_the_first_rows_only():
 
 def test_torch_path_chunks_match_the_reference():
     queries, memory = torch.randn(23, 12), make_memory(50, 12, duplicates=False)
-    sims, idx = op._topk_cosine_torch(queries, memory, 5, n_valid=41, chunk_elems=41 * 4)  # 6 blocks of 4 queries
+    sims, idx = kernels.topk_cosine_ref(queries, memory, 5, n_valid=41, chunk_elems=41 * 4)  # 6 blocks of 4 queries
     ref_sims, _ = kernels.topk_cosine_ref(queries, memory, 5, n_valid=41)
     torch.testing.assert_close(sims, ref_sims)
     check_topk(sims, idx, queries, memory, 5, 41, atol=1e-6)  # indices: any order of near-ties is right
@@ -144,6 +144,31 @@ def test_forced_torch_path_and_unknown_mode(monkeypatch):
         kernels.topk_cosine(torch.randn(4, 8), torch.randn(30, 8), 3)
 
 
+def test_use_sets_the_mode_of_its_block_over_the_environment(monkeypatch):
+    monkeypatch.setenv("MUGS_KERNELS", "triton")
+    monkeypatch.setattr(op, "_topk_cosine_triton", lambda *a: pytest.fail("took the Triton path"))
+    with kernels.use("torch"):
+        kernels.topk_cosine(torch.randn(4, 8).to(DEVICE), torch.randn(30, 8).to(DEVICE), 3)
+        with kernels.use("auto"):
+            assert dispatch.kernel_mode() == "auto"
+        assert dispatch.kernel_mode() == "torch"
+    assert dispatch.kernel_mode() == "triton"  # the environment's again
+
+
+def test_use_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match=r"kernels.use\('cuda'\): expected one of auto, triton, torch"):
+        with kernels.use("cuda"):
+            pass
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU tensors")
+def test_forced_triton_without_interpreter_names_what_forced_it(monkeypatch):
+    monkeypatch.delenv("MUGS_KERNELS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"kernels.use\('triton'\) but Triton cannot run"), kernels.use("triton"):
+        kernels.topk_cosine(torch.randn(4, 8), torch.randn(30, 8), 3)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="CPU tensors")
 def test_forced_triton_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("MUGS_KERNELS", "triton")
@@ -173,12 +198,12 @@ def test_bad_dtype():
         kernels.topk_cosine(torch.randn(4, 8), torch.ones(30, 8, dtype=torch.int64), 3)
 
 
-def test_k_above_16_is_an_error_on_the_triton_path_only(triton_path, monkeypatch):
+def test_k_above_16_is_an_error_on_the_triton_path_only(triton_path):
     queries, memory = torch.randn(4, 8).to(DEVICE), torch.randn(40, 8).to(DEVICE)
     with pytest.raises(ValueError, match="k=17 > 16"):
         kernels.topk_cosine(queries, memory, 17)
-    monkeypatch.setenv("MUGS_KERNELS", "torch")
-    assert kernels.topk_cosine(queries, memory, 17)[1].shape == (4, 17)
+    with kernels.use("torch"):
+        assert kernels.topk_cosine(queries, memory, 17)[1].shape == (4, 17)
 
 
 def test_empty_queries():
