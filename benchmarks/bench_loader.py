@@ -36,6 +36,7 @@ from data_prep.convert import convert  # noqa: E402
 from data_prep.writer import BetonWriter  # noqa: E402
 from mugs_fast.data import MultiCropLoader, ReferenceLoader  # noqa: E402
 from mugs_fast.data.beton import BetonReader  # noqa: E402
+from mugs_fast.data.contract import CropSpec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_loader.json"
 CROPS = 14
@@ -82,7 +83,7 @@ def copy_samples(path: Path, dst: Path, indices) -> Path:
 
 
 def run_pipeline(name: str, path: Path, batch_size: int, cores: int) -> dict:
-    common = dict(local_crops_number=CROPS - 4, seed=0)
+    common = dict(crops=CropSpec(local_crops_number=CROPS - 4), seed=0)
     if name == "dali-gpu":
         device = "cuda"
         loader = MultiCropLoader(path, batch_size, device="cuda", num_threads=cores, **common)

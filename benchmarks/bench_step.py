@@ -69,6 +69,7 @@ from step_timing import (  # noqa: E402
 import kernels  # noqa: E402
 from data_prep.convert import convert  # noqa: E402
 from mugs_fast.config import MugsConfig, recipe  # noqa: E402
+from mugs_fast.data.contract import CropSpec  # noqa: E402
 from mugs_fast.flops import step_flops_per_image  # noqa: E402
 from mugs_fast.runtime import init_runtime  # noqa: E402
 
@@ -163,14 +164,7 @@ def end_to_end(
     """(b): the DALI loader (on the GPU; DALI's CPU operators in a CPU smoke run) feeding the step."""
     from mugs_fast.data import MultiCropLoader
 
-    loader = MultiCropLoader(
-        beton,
-        batch,
-        local_crops_number=cfg.local_crops_number,
-        device=device,
-        global_size=cfg.global_crop_size,
-        local_size=cfg.size_crops[0],
-    )
+    loader = MultiCropLoader(beton, batch, crops=CropSpec.from_config(cfg), device=device)
     batches = endless(loader)
     try:
         step = fed_from(batches, stepper)
@@ -196,15 +190,7 @@ def release_way(cfg: MugsConfig, batch: int, beton: Path, args, device: torch.de
     with kernels.use("torch"):  # the PyTorch references of the losses and the top-k
         stepper = Stepper(cfg, device)
         stepper(synthetic_batch(cfg, batch, device, torch.float32))  # the first step's set-up stays out of the timing
-        loader = ReferenceLoader(
-            beton,
-            batch,
-            local_crops_number=cfg.local_crops_number,
-            device=device,
-            global_size=cfg.global_crop_size,
-            local_size=cfg.size_crops[0],
-            num_workers=args.workers,
-        )
+        loader = ReferenceLoader(beton, batch, crops=CropSpec.from_config(cfg), device=device, num_workers=args.workers)
         batches = iter(loader)
         try:
             seconds, wait = time_steps(fed_from(batches, stepper), 1, count, device)

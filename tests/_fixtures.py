@@ -8,6 +8,7 @@ from PIL import Image
 
 from data_prep.synth import render
 from data_prep.writer import BetonWriter
+from mugs_fast.data.contract import CropSpec
 
 
 def encode_jpeg(img: np.ndarray, quality: int = 90) -> bytes:
@@ -66,7 +67,12 @@ def truncated_scan(jpeg: bytes) -> bytes:
     return jpeg[: _scan_middle(jpeg)] + b"\xff\xd9"
 
 
-LOADER_ARGS = dict(local_crops_number=10, device="cpu", global_size=32, local_size=16, seed=7)
+def small_crops(local_crops_number: int = 10) -> CropSpec:
+    """The data-pipeline tests' crops: 32-px globals, 16-px locals."""
+    return CropSpec(local_crops_number, global_size=32, local_size=16)
+
+
+LOADER_ARGS = dict(crops=small_crops(), device="cpu", seed=7)
 
 
 def run_epochs(loader, epochs) -> list[dict]:

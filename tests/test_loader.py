@@ -12,6 +12,7 @@ from _fixtures import (
     encode_jpeg,
     overwritten_scan,
     run_epochs,
+    small_crops,
     truncated_scan,
     undefined_quant_table,
     write_beton,
@@ -25,7 +26,7 @@ from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 from mugs_fast.data.params import plan_rng, sample_plan
 from mugs_fast.data.sampler import EpochSampler
 
-B, L = 12, LOADER_ARGS["local_crops_number"]
+B, L = 12, LOADER_ARGS["crops"].local_crops_number
 MEAN, STD = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
 pytest_plugins = ["_data_fixtures"]  # small_beton, dali_loader
 
@@ -75,7 +76,7 @@ def test_batch_shapes_dtypes_and_value_ranges(dali_loader, epochs):
 
 
 def test_bf16_output(small_beton):
-    loader = MultiCropLoader(small_beton, 12, **{**LOADER_ARGS, "local_crops_number": 0}, dtype=torch.bfloat16)
+    loader = MultiCropLoader(small_beton, 12, **{**LOADER_ARGS, "crops": small_crops(0)}, dtype=torch.bfloat16)
     batch = next(iter(loader))
     assert batch["teacher"].dtype == torch.bfloat16 and batch["student_local"].shape == (0, 3, 16, 16)
 
@@ -113,7 +114,7 @@ def test_strong_and_weak_proportions_and_flags(epochs):
 
 
 def test_shards_of_ranks_are_disjoint_and_equal(small_beton):
-    args = {**LOADER_ARGS, "local_crops_number": 0}
+    args = {**LOADER_ARGS, "crops": small_crops(0)}
     ranks = [MultiCropLoader(small_beton, 10, rank=r, world_size=3, **args) for r in range(3)]
     indices = [torch.cat([b["index"] for b in loader]).numpy() for loader in ranks]
     assert [len(loader) for loader in ranks] == [3, 3, 3] and [len(i) for i in indices] == [30, 30, 30]
@@ -158,7 +159,7 @@ def test_undecodable_samples_are_replaced_and_counted(tmp_path, device):
     corrupt = {3: b"not a jpeg at all", 10: good[: len(good) // 2], 17: undefined_quant_table(good)}
     trailing = {25: good + b"\x00" * 7 + b"vendor trailer"}  # bytes after the end marker: a valid JPEG
     path = write_beton(tmp_path / "corrupt.beton", 40, corrupt=corrupt | trailing)
-    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "local_crops_number": 2, "device": device})
+    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "crops": small_crops(2), "device": device})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(loader)
@@ -185,7 +186,7 @@ def test_damage_inside_the_scan_is_replaced_counted_and_named(tmp_path, device):
     good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
     corrupt = {5: overwritten_scan(good), 22: truncated_scan(good)}
     path = write_beton(tmp_path / "damaged.beton", 40, corrupt=corrupt)
-    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "local_crops_number": 2, "device": device})
+    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "crops": small_crops(2), "device": device})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(loader)
@@ -201,7 +202,7 @@ def test_damage_inside_the_scan_is_replaced_counted_and_named(tmp_path, device):
 def test_without_verify_only_the_header_is_checked(tmp_path):
     good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
     path = write_beton(tmp_path / "damaged.beton", 16, corrupt={5: overwritten_scan(good), 9: b"not a jpeg"})
-    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "local_crops_number": 1, "verify": False})
+    loader = MultiCropLoader(path, 8, **{**LOADER_ARGS, "crops": small_crops(1), "verify": False})
     with pytest.warns(RuntimeWarning, match="sample 9 does not decode"):
         list(loader)
     assert sorted(loader.corrupt_samples) == [9]  # DALI's CPU decoder fills 5's damage in (libjpeg warns on stderr)
@@ -214,7 +215,7 @@ def test_replacements_are_counted_in_the_batches_yielded(tmp_path):
     good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
     corrupt = {int(batch_1[0]): b"not a jpeg at all", int(batch_1[1]): undefined_quant_table(good)}
     path = write_beton(tmp_path / "corrupt.beton", 16, corrupt=corrupt)
-    loader = MultiCropLoader(path, 4, **{**LOADER_ARGS, "local_crops_number": 1, "verify": False})
+    loader = MultiCropLoader(path, 4, **{**LOADER_ARGS, "crops": small_crops(1), "verify": False})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         next(iter(loader))  # batch 0; DALI was also fed batch 1 (prefetch), which is dropped below
@@ -255,7 +256,7 @@ def test_batches_out_of_order_are_an_error(small_beton, monkeypatch):
     """DALI's outputs carry their batch number: a mix-up raises (also under python -O), it is never trained on."""
     feed = dali_pipeline.source_batch
     monkeypatch.setattr(dali_pipeline, "source_batch", lambda jpegs, shapes, plan, tag: feed(jpegs, shapes, plan, 3))
-    loader = MultiCropLoader(small_beton, 12, **{**LOADER_ARGS, "local_crops_number": 0})
+    loader = MultiCropLoader(small_beton, 12, **{**LOADER_ARGS, "crops": small_crops(0)})
     with pytest.raises(RuntimeError, match="DALI returned batch 3 where 0 was expected"):
         next(iter(loader))
 
@@ -269,7 +270,7 @@ def test_bad_input(tmp_path, small_beton):
     with pytest.raises(BetonError):
         MultiCropLoader(tmp_path / "foreign.beton", 8, device="cpu")
     with pytest.raises(ValueError, match="local_crops_number"):
-        MultiCropLoader(small_beton, 8, device="cpu", local_crops_number=-1)
+        MultiCropLoader(small_beton, 8, device="cpu", crops=small_crops(-1))
 
 
 @pytest.mark.gpu

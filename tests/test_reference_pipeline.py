@@ -10,6 +10,7 @@ from _fixtures import (
     encode_jpeg,
     overwritten_scan,
     run_epochs,
+    small_crops,
     truncated_scan,
     undefined_quant_table,
     write_beton,
@@ -62,7 +63,7 @@ def test_undecodable_samples_are_replaced_as_in_the_dali_loader(tmp_path, num_wo
     good = encode_jpeg(render(np.random.default_rng(1), 0, 50, 60))
     corrupt = {2: b"not a jpeg", 7: overwritten_scan(good), 11: truncated_scan(good), 13: undefined_quant_table(good)}
     path = write_beton(tmp_path / "damaged.beton", 24, corrupt=corrupt)
-    args = {**LOADER_ARGS, "local_crops_number": 1}
+    args = {**LOADER_ARGS, "crops": small_crops(1)}
     reference = ReferenceLoader(path, 4, num_workers=num_workers, **args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from mugs_fast.data.contract import CropSpec
 from mugs_fast.data.synthetic import SyntheticLoader
 
-ARGS = dict(local_crops_number=3, global_size=32, local_size=16, seed=5, epoch_images=70)
+ARGS = dict(crops=CropSpec(3, global_size=32, local_size=16), seed=5, epoch_images=70)
 
 
 def test_batches_have_the_training_shapes():

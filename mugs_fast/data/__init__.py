@@ -7,6 +7,8 @@ are loaded on first use of `mugs_fast.data.MultiCropLoader` / `ReferenceLoader`.
 import importlib
 
 _LAZY = {
+    "CropSpec": "mugs_fast.data.contract",
+    "MultiCropSource": "mugs_fast.data.contract",
     "MultiCropLoader": "mugs_fast.data.loader",
     "ReferenceLoader": "mugs_fast.data.reference",
     "ReleaseAugmentation": "mugs_fast.data.reference",

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from mugs_fast.data.beton import BetonError
+from mugs_fast.data.contract import CropSpec
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 
 LABEL_HEIGHT, GAP = 14, 4
@@ -80,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out.parent.is_dir():
             raise FileNotFoundError(f"no folder {args.out.parent} for --out")
         kwargs = dict(
-            local_crops_number=args.local_crops_number,
+            crops=CropSpec(args.local_crops_number, args.global_size, args.local_size),
             device=args.device or "cpu",
             seed=args.seed,
-            global_size=args.global_size,
-            local_size=args.local_size,
             dtype=torch.float32,
         )
         if args.pipeline == "dali":

@@ -20,7 +20,6 @@ stand-in; the release stopped on the ones PIL refuses and trained on the others.
 import io
 import os
 import random
-import warnings
 
 import numpy as np
 import torch
@@ -29,10 +28,11 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from mugs_fast.data.beton import BetonReader
+from mugs_fast.data.contract import MUGS_CROPS, BetonSource, CropSpec, default_device
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 from mugs_fast.data.jpeg import BadJpeg, check_jpeg
-from mugs_fast.data.loader import default_device, stand_in
 from mugs_fast.data.params import GLOBAL_SCALE, LOCAL_SCALE, RA_FILL, RATIO
+from mugs_fast.data.replacement import Replacements, stand_in
 from mugs_fast.data.sampler import EpochSampler
 
 
@@ -111,13 +111,13 @@ def weak_transform(size: int, scale: tuple, blur_p: float, solarize_p: float = 0
 class ReleaseAugmentation:
     """The release's DataAugmentation: image -> (4 + L crops as [0, 1] tensors, weak flag, local strong flags)."""
 
-    def __init__(self, local_crops_number: int = 10, global_size: int = 224, local_size: int = 96, prob: float = 0.5):
-        self.prob, self.local_crops_number = prob, local_crops_number
-        self.global_transfo1 = weak_transform(global_size, GLOBAL_SCALE, blur_p=1.0)
-        self.global_transfo2 = weak_transform(global_size, GLOBAL_SCALE, blur_p=0.1, solarize_p=0.2)
-        self.global_transfo3 = strong_transform(global_size, GLOBAL_SCALE)
-        self.local_transfo = weak_transform(local_size, LOCAL_SCALE, blur_p=0.5)
-        self.local_transfo2 = strong_transform(local_size, LOCAL_SCALE)
+    def __init__(self, crops: CropSpec = MUGS_CROPS, prob: float = 0.5):
+        self.prob, self.local_crops_number = prob, crops.local_crops_number
+        self.global_transfo1 = weak_transform(crops.global_size, GLOBAL_SCALE, blur_p=1.0)
+        self.global_transfo2 = weak_transform(crops.global_size, GLOBAL_SCALE, blur_p=0.1, solarize_p=0.2)
+        self.global_transfo3 = strong_transform(crops.global_size, GLOBAL_SCALE)
+        self.local_transfo = weak_transform(crops.local_size, LOCAL_SCALE, blur_p=0.5)
+        self.local_transfo2 = strong_transform(crops.local_size, LOCAL_SCALE)
 
     def __call__(self, image):
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
@@ -212,7 +212,7 @@ class _Batches:
             yield [(int(i), [s.seed, s.epoch, s.rank, b, slot]) for slot, i in enumerate(s.batch(b))]
 
 
-class ReferenceLoader:
+class ReferenceLoader(BetonSource):
     """The release's pipeline with `MultiCropLoader`'s interface and output dict (fp32 by default).
 
     num_workers: DataLoader worker processes (the release used 12 per GPU); 0 runs in this process. They are
@@ -224,61 +224,27 @@ class ReferenceLoader:
         path: str | os.PathLike,
         batch_size: int,
         *,
-        local_crops_number: int = 10,
+        crops: CropSpec = MUGS_CROPS,
         device: str | torch.device | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         dtype: torch.dtype = torch.float32,
-        global_size: int = 224,
-        local_size: int = 96,
         num_workers: int | None = None,
     ):
-        augmentation = ReleaseAugmentation(local_crops_number, global_size, local_size)
-        self.dataset = BetonMultiCropDataset(path, augmentation, seed)
+        self.dataset = BetonMultiCropDataset(path, ReleaseAugmentation(crops), seed)
         self.sampler = EpochSampler(len(self.dataset), batch_size, seed, rank, world_size)
         self.device = default_device(device)
-        self.dtype, self.local_size = dtype, local_size
+        self.dtype, self.local_size = dtype, crops.local_size
         self.num_workers = len(os.sched_getaffinity(0)) if num_workers is None else num_workers
         self._loader = None
-        self._corrupt: dict[int, str] = {}  # sample index -> why it does not decode
-        self._num_replaced = 0  # in the batches yielded so far
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    @property
-    def corrupt_samples(self) -> dict[int, str]:
-        """Sample index -> reason, for every sample found not to decode (each replaced by another sample)."""
-        return dict(self._corrupt)
-
-    @property
-    def num_replaced(self) -> int:
-        """How many slots of the batches yielded so far held a replacement for an undecodable sample."""
-        return self._num_replaced
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def state_dict(self) -> dict:
-        return {"sampler": self.sampler.state_dict(), "corrupt": dict(self._corrupt)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self._corrupt.update({int(i): why for i, why in state.get("corrupt", {}).items()})
+        self.replacements = Replacements(self.dataset.reader.path)
 
     def _count_replaced(self, replaced: list[tuple[int, str]]) -> None:
         """Counts a batch's replacements and names each undecodable sample once."""
-        self._num_replaced += len(replaced)
+        self.replacements.num_replaced += len(replaced)
         for i, why in replaced:
-            if i not in self._corrupt:
-                self._corrupt[i] = why
-                warnings.warn(
-                    f"{self.dataset.reader.path}: sample {i} does not decode ({why}); it is replaced by another "
-                    f"sample ({len(self._corrupt)} undecodable so far)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            self.replacements.mark(i, why)
 
     def __iter__(self):
         s = self.sampler

@@ -1,6 +1,6 @@
 """`SyntheticLoader`: random crops at the training shapes, already on the device, to measure the model alone.
 
-It has `MultiCropLoader`'s interface and output keys (`teacher`, `student_global`, `student_local`, `weak`).
+It is a `MultiCropSource` (`contract.py`) with the keys `teacher`, `student_global`, `student_local` and `weak`.
 A pool of images (all crops of each: N(0, 1) noise in the loader's dtype, and a weak flag) is drawn once
 from the seed, the same on every rank. Each step's global batch is a seeded draw of pool images; rank r
 takes its rows [r*B, (r+1)*B). So W ranks with B images each see exactly what one process with W*B images
@@ -10,6 +10,7 @@ sees, in the same order. An epoch has as many images as ImageNet-1k, so schedule
 import numpy as np
 import torch
 
+from mugs_fast.data.contract import MUGS_CROPS, CropSpec
 from mugs_fast.data.finish import to_device
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -23,9 +24,7 @@ class SyntheticLoader:
         self,
         batch_size: int,
         *,
-        local_crops_number: int = 10,
-        global_size: int = 224,
-        local_size: int = 96,
+        crops: CropSpec = MUGS_CROPS,
         device: str | torch.device = "cpu",
         seed: int = 0,
         rank: int = 0,
@@ -41,13 +40,19 @@ class SyntheticLoader:
         self.device = torch.device(device)
         g = torch.Generator(self.device).manual_seed(seed)
         noise = lambda *shape: torch.randn(POOL_SIZE, *shape, generator=g, device=self.device).to(dtype)
-        self._teacher = noise(2, 3, global_size, global_size)  # (P, 2, 3, G, G)
-        self._student_global = noise(2, 3, global_size, global_size)
-        self._student_local = noise(local_crops_number, 3, local_size, local_size)  # (P, L, 3, l, l)
+        g_size, l_size = crops.global_size, crops.local_size
+        self._teacher = noise(2, 3, g_size, g_size)  # (P, 2, 3, G, G)
+        self._student_global = noise(2, 3, g_size, g_size)
+        self._student_local = noise(crops.local_crops_number, 3, l_size, l_size)  # (P, L, 3, l, l)
         self._weak = torch.rand(POOL_SIZE, generator=g, device=self.device) < 0.5
 
     def __len__(self) -> int:
         return self.num_batches
+
+    @property
+    def num_replaced(self) -> int:
+        """Always 0: random crops have no undecodable samples."""
+        return 0
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
