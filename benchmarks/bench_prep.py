@@ -56,26 +56,24 @@ def large_photo_like(rng: np.random.Generator) -> Image.Image:
     return photo_like(rng).resize((w, int(w * rng.uniform(0.65, 0.8))), Image.Resampling.BICUBIC)
 
 
-def make_inputs(root: Path, n: int, large_share: float, classes: int = 8, seed: int = 0) -> dict:
-    """The images as root/folder/<class>/<image>.JPEG and as root/train.tar (one <class>.tar each)."""
+def make_inputs(
+    root: Path, n: int, large_share: float = 0.0, classes: int = 8, seed: int = 0, archive: Path | None = None
+) -> dict:
+    """The images as root/<class>/<image>.JPEG and, with `archive`, also as that tar of class tars (the layout of
+    ILSVRC2012_img_train.tar)."""
     rng = np.random.default_rng(seed)
     sizes, pixels, large = [], [], 0
     for i in range(n):
         is_large = rng.random() < large_share
         img = large_photo_like(rng) if is_large else photo_like(rng)
         large += is_large
-        path = root / "folder" / f"n{i % classes:08d}" / f"{i:05d}.JPEG"
+        path = root / f"n{i % classes:08d}" / f"{i:05d}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
         img.save(path, quality=95)
         sizes.append(path.stat().st_size)
         pixels.append(img.size)
-    with tarfile.open(root / "train.tar", "w") as outer:
-        for class_dir in sorted((root / "folder").iterdir()):
-            with tarfile.open(root / f"{class_dir.name}.tar", "w") as inner:
-                for path in sorted(class_dir.iterdir()):
-                    inner.add(path, arcname=path.name)
-            outer.add(root / f"{class_dir.name}.tar", arcname=f"{class_dir.name}.tar")
-            (root / f"{class_dir.name}.tar").unlink()
+    if archive is not None:
+        write_class_tars(root, archive)
     w, h = np.mean(pixels, axis=0)
     return {
         "images": n,
@@ -83,6 +81,18 @@ def make_inputs(root: Path, n: int, large_share: float, classes: int = 8, seed: 
         "mean_size": f"{w:.0f}x{h:.0f}",
         "larger_than_512_share": round(large / n, 3),
     }
+
+
+def write_class_tars(folder: Path, archive: Path) -> None:
+    """`archive`: one uncompressed <class>.tar per class folder of `folder`, inside one tar."""
+    with tarfile.open(archive, "w") as outer:
+        for class_dir in sorted(folder.iterdir()):
+            inner_path = archive.with_name(f"{class_dir.name}.tar")
+            with tarfile.open(inner_path, "w") as inner:
+                for path in sorted(class_dir.iterdir()):
+                    inner.add(path, arcname=path.name)
+            outer.add(inner_path, arcname=inner_path.name)
+            inner_path.unlink()
 
 
 def cpu_seconds() -> float:
@@ -171,7 +181,7 @@ def run(args) -> dict:
     runs += [("ffcv DatasetWriter", "folder", time_ffcv)] if args.ffcv else []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        record["input"] = make_inputs(tmp, args.images, args.large_share)
+        record["input"] = make_inputs(tmp / "folder", args.images, args.large_share, archive=tmp / "train.tar")
         for tool, source, timer in runs:
             src = tmp / "folder" if source == "folder" else tmp / "train.tar"
             for workers in args.workers:

@@ -290,7 +290,7 @@ def make_beton(dst: Path, images: int, workers: int) -> Path:
     src = dst.with_name(dst.stem + "-jpegs")
     shares = [images // workers + (i < images % workers) for i in range(workers)]
     with multiprocessing.Pool(workers) as pool:  # one sub-folder per process: its own names and seed
-        pool.starmap(make_inputs, [(src / f"part{i:02d}", n, 8, i) for i, n in enumerate(shares) if n])
+        pool.starmap(make_inputs, [(src / f"part{i:02d}", n, 0.0, 8, i) for i, n in enumerate(shares) if n])
     convert(src, dst, max_resolution=512, jpeg_quality=90, workers=workers, progress=False, overwrite=True)
     shutil.rmtree(src)
     return dst

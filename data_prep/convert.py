@@ -169,22 +169,31 @@ def _encode_all(source: Source, writer: BetonWriter, encode, workers: int, progr
     per_chunk = source.chunk_size or max(1, min(64, source.total // (8 * workers)))  # >= 8 per worker: balanced
     max_pending = max(4 * workers, source.in_flight // per_chunk)
     started = multiprocessing.Value("i", 0)  # workers ever started: more than `workers` = one died
+    stopping = multiprocessing.Value("b", 0)  # set before the pool terminates its workers (see _init_worker)
     tally = _Tally()
     pending = deque()  # (items, result) in source order; a bounded window, so a stream is read as it is used
     # the pool exists before the progress bar's thread (forking a threaded process is fragile); leaving the
     # `with` block terminates the workers, also on an error or an interruption
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(started,)) as pool:
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(started, stopping)) as pool:
         bar_options = dict(unit_scale=source.unit == "B", unit_divisor=1024 if source.unit == "B" else 1000)
-        with tqdm(
-            total=source.total, unit=source.unit, desc="convert", disable=not progress, smoothing=0.05, **bar_options
-        ) as bar:
-            for chunk in _chunks(source.items(), per_chunk):
-                pending.append((chunk, pool.apply_async(encode, ([data for _, _, data, _ in chunk],))))
-                if len(pending) >= max_pending:
+        try:
+            with tqdm(
+                total=source.total,
+                unit=source.unit,
+                desc="convert",
+                disable=not progress,
+                smoothing=0.05,
+                **bar_options,
+            ) as bar:
+                for chunk in _chunks(source.items(), per_chunk):
+                    pending.append((chunk, pool.apply_async(encode, ([data for _, _, data, _ in chunk],))))
+                    if len(pending) >= max_pending:
+                        _store(*pending.popleft(), writer, source, tally, bar, started, workers)
+                while pending:
                     _store(*pending.popleft(), writer, source, tally, bar, started, workers)
-            while pending:
-                _store(*pending.popleft(), writer, source, tally, bar, started, workers)
-            bar.update(max(0, source.total - bar.n))
+                bar.update(max(0, source.total - bar.n))
+        finally:
+            stopping.value = 1  # before the pool's terminate() at the end of the `with`
     return tally
 
 
@@ -232,13 +241,19 @@ def _wait(result, started, workers: int, poll_s: float = 2.0):
                 raise ConversionError("a worker process died (killed? out of memory?): nothing written") from None
 
 
-def _init_worker(started) -> None:
-    with started.get_lock():
-        started.value += 1
+def _init_worker(started, stopping) -> None:
     # Ctrl-C reaches the whole process group: the main process handles it and terminates the workers, with
     # SIGTERM, which must kill them at once (not raise Terminated, whose handler they inherit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A SIGTERM that reaches a worker between its fork and Python's after-fork set-up is lost (Python clears
+    # the signals it had noted), and the worker would then wait for tasks forever while the pool joins it. The
+    # main process sets `stopping` before it terminates the pool, so a worker that starts after that leaves now;
+    # one that read it earlier has SIGTERM at its default already, and dies of it.
+    if stopping.value:
+        os._exit(0)
+    with started.get_lock():
+        started.value += 1
 
 
 @contextmanager

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -359,3 +360,27 @@ def test_killed_worker_is_an_error_not_a_hang(slow_folder, tmp_path):
     assert proc.returncode == 1, stderr
     assert "a worker process died" in stderr.strip().splitlines()[-1] and "Traceback" not in stderr, stderr
     assert_nothing_left(proc, dst)
+
+
+def _start_worker(started, stopping) -> None:
+    from data_prep.convert import _init_worker
+
+    _init_worker(started, stopping)
+    time.sleep(60)  # a worker that went on would wait here for tasks
+
+
+@pytest.mark.parametrize("stopping", [0, 1])
+def test_a_worker_starting_while_the_pool_stops_leaves_by_itself(stopping):
+    # Python drops a SIGTERM that lands between a worker's fork and its after-fork set-up: a worker started as the
+    # pool terminates must see that for itself, or the pool's join waits for it forever
+    import multiprocessing
+
+    started, flag = multiprocessing.Value("i", 0), multiprocessing.Value("b", stopping)
+    worker = multiprocessing.get_context("fork").Process(target=_start_worker, args=(started, flag))
+    worker.start()
+    worker.join(timeout=20 if stopping else 2)  # one that goes on is still waiting after 2 s
+    try:
+        assert (worker.exitcode == 0) == bool(stopping) and started.value == 1 - stopping
+    finally:
+        worker.kill()
+        worker.join()
