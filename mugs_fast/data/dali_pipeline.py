@@ -145,6 +145,19 @@ def build_pipeline(
     return pipe
 
 
+def drain(pipe) -> None:
+    """Runs `pipe` to the end of what it was fed, dropping the outputs (and any decoding error among them: those
+    batches are dropped anyway), then resets it, so that the next epoch starts clean."""
+    while True:
+        try:
+            pipe.run()
+        except StopIteration:
+            break
+        except RuntimeError:
+            pass
+    pipe.reset()
+
+
 @contextlib.contextmanager
 def no_origin_tracing():
     """DALI records a Python stack trace for every operator it defines: most of a graph's build time.

@@ -22,7 +22,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 
 from mugs_fast.data.beton import BetonError, BetonReader
-from mugs_fast.data.dali_pipeline import cut_window, no_origin_tracing
+from mugs_fast.data.dali_pipeline import cut_window, drain, no_origin_tracing
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, to_device
 from mugs_fast.data.jpeg import BadJpeg, check_jpeg
 from mugs_fast.data.lookahead import CheckAhead
@@ -213,10 +213,5 @@ class EvalLoader:
         self._pending.clear()
         if self._ahead is not None:
             self._ahead.cancel()
-        while True:
-            try:
-                self._pipe.run()
-            except StopIteration:
-                break
+        drain(self._pipe)
         self._fed.clear()
-        self._pipe.reset()

@@ -161,15 +161,10 @@ class MultiCropLoader(BetonSource):
 
     def _drain(self) -> None:
         """Lets DALI finish (and drops) what it was fed, so the next epoch starts clean."""
-        while True:
-            try:
-                self._pipe.run()
-            except StopIteration:
-                break
-            except RuntimeError:
-                pass
+        from mugs_fast.data.dali_pipeline import drain
+
+        drain(self._pipe)
         self._fed.clear()
-        self._pipe.reset()
 
     def _finish(self, outputs, fed: Fed) -> dict:
         """DALI's uint8 crops -> the output dict (normalised, crop-major, dtype) on the device, without a sync."""
