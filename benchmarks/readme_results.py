@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import step_report
+from bench_linear import table as linear_table
 from bench_loader import table as loader_table
 
 START = "<!-- results:start -->"
@@ -132,24 +133,46 @@ def prep_section(records: list[dict], results: Path, link: str) -> str:
     out = []
     for group in step_report.group_by(records, key):
         lines = [
-            "| tool | images | workers | images/s | per worker | per CPU-second |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| tool | images | workers | images/s | per worker | per CPU-second | stored as-is |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in group:
             for x in r["results"]:
+                as_is = f"{x['stored_as_is_share']:.0%}" if "stored_as_is_share" in x else "-"
                 lines.append(
                     f"| {x['tool']} | {r['input']['images']} | {x['workers']} | {x['images_per_s']:,} | "
-                    f"{x['images_per_s_per_worker']:,} | {x['images_per_cpu_s']:,} |"
+                    f"{x['images_per_s_per_worker']:,} | {x['images_per_cpu_s']:,} | {as_is} |"
                 )
         g = group[0]
         stack = ", ".join(f"{k} {v}" for k, v in g["versions"].items() if k != "mugs_fast_commit")
+        large = g["input"].get("larger_than_512_share")
+        mix = f" ({large:.0%} larger than 512 px)" if large is not None else ""
         lines += [
             "",
             f"{g['machine']['cpu']} ({g['machine']['usable_cores']} cores); {stack}; {_commits(group)}; "
-            f"{step_report.dates(group)}; JPEGs of ~{g['input']['mean_size']} px, {g['input']['mean_kb']} KB; "
+            f"{step_report.dates(group)}; JPEGs of ~{g['input']['mean_size']} px, {g['input']['mean_kb']} KB{mix}; "
             f"load average before: {', '.join(str(r['load_average_before'][0]) for r in group)}.",
         ]
         out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def linear_section(records: list[dict], results: Path, link: str) -> str:
+    """bench_linear: extraction images/s, the sweep's cost, the ImageNet-1k estimate; a table per device."""
+    out = []
+    for group in step_report.group_by(records, lambda r: (r["device"], _without_commit(r["versions"]))):
+        g = group[0]
+        stack = ", ".join(f"{k} {v}" for k, v in g["versions"].items() if k != "mugs_fast_commit")
+        targets = "; ".join(
+            f"{t['target']}: {'met' if t['met'] else 'missed' if t['met'] is False else 'not judged here'}"
+            for t in g["targets"]
+        )
+        out.append(
+            linear_table(group)
+            + f"\n\n{g['device']}, {g['machine']['usable_cores']} CPU cores; {stack}; {_commits(group)}; "
+            f"{step_report.dates(group)}; {g['input']['images']} images; "
+            f"load average before: {', '.join(str(r['load_average_before']) for r in group)}. Targets: {targets}."
+        )
     return "\n\n".join(out)
 
 
@@ -157,6 +180,7 @@ SECTIONS = (
     ("Training step: model only, end to end, the release's way", "bench_step.json", step_section),
     ("Kernels: cosine top-k and InfoNCE", "bench_kernels.json", kernels_section),
     ("Multi-crop loading", "bench_loader.json", loader_section),
+    ("Linear probe: feature extraction and sweep", "bench_linear.json", linear_section),
     ("Data preparation", "bench_prep.json", prep_section),
 )
 

@@ -1,4 +1,4 @@
-"""Runs the step, kernel, loader and prep benchmarks in one go, then regenerates the README's results section.
+"""Runs the step, kernel, loader, linear-probe and prep benchmarks, then regenerates the README's results section.
 
     python benchmarks/run_all.py                  # on a GPU machine: everything, within ~9.5 minutes on an H100
     python benchmarks/run_all.py --quick          # smoke run (CPU is fine): tiny sizes, a temporary results folder
@@ -6,8 +6,9 @@
 
 Two .beton files of ImageNet-like images (longer side <= 512) are made first: 4,000 images for the step benchmark,
 whose end-to-end and release's-way runs need that many within one epoch, and 2,048 for the loader benchmark, which
-reads its whole file with each of its three pipelines. Each benchmark then runs as its own process with a time
-budget (step 330 s, kernels 120 s, loader 90 s, prep 60 s: sized for an H100, --time-scale stretches them), cut
+reads its whole file with each of its three pipelines (the linear-probe benchmark reads the same file). Each
+benchmark then runs as its own process with a time budget (step 330 s, kernels 120 s, loader 90 s, linear 60 s,
+prep 60 s: sized for an H100, --time-scale stretches them), cut
 further to fit the overall --deadline; the most telling runs first. A benchmark that needs CUDA is skipped, and
 says so, on a machine without it (--quick runs the kernels under Triton's interpreter instead). What became of
 each is written to <results>/run_all.json and printed last, with the step benchmark's table. --mirror DIR copies
@@ -48,7 +49,7 @@ from bench_step import make_beton  # noqa: E402
 RESULTS = HERE / "results"
 README = HERE.parent / "README.md"
 MIN_BUDGET_S = 20  # a benchmark is not started with less time than this left
-IMAGES = {"step": 4000, "loader": 2048}  # generated .beton sizes
+IMAGES = {"step": 4000, "loader": 2048, "linear": 2048}  # generated .beton sizes (one file per size)
 QUICK_IMAGES = 48
 
 
@@ -69,6 +70,8 @@ class Benchmark:
         elif self.name == "loader":
             args = [str(betons["loader"]), "--out", str(results / "bench_loader.json")]
             args += ["--batch-size", "4", "--gpu-batch-size", "8"] if quick else []
+        elif self.name == "linear":
+            args = [str(betons["linear"]), "--out", str(results / "bench_linear.json")] + (["--quick"] if quick else [])
         else:
             args = ["--out", str(results / "bench_prep.json")]
             args += ["--images", "12", "--repeats", "1", "--workers", "1"] if quick else []
@@ -79,6 +82,7 @@ BENCHMARKS = (
     Benchmark("step", "bench_step.py", 330, needs_cuda=True),
     Benchmark("kernels", "bench_kernels.py", 120, needs_cuda=True),
     Benchmark("loader", "bench_loader.py", 90, needs_cuda=False),
+    Benchmark("linear", "bench_linear.py", 60, needs_cuda=True),
     Benchmark("prep", "bench_prep.py", 60, needs_cuda=False),
 )
 
@@ -172,11 +176,13 @@ def make_betons(tmp: Path, args: argparse.Namespace) -> dict[str, Path]:
     readers = [b.name for b in BENCHMARKS if b.name in IMAGES and skip_reason(b, args) is None]
     if args.beton is not None or not readers:
         return dict.fromkeys(readers, args.beton)
-    betons = {}
+    betons, by_size = {}, {}
     for name in readers[:1] if args.quick else readers:
         images = QUICK_IMAGES if args.quick else IMAGES[name]
-        print(f"[run_all] making a .beton of {images} ImageNet-like images for the {name} benchmark", flush=True)
-        betons[name] = make_beton(tmp / f"{name}.beton", images, len(os.sched_getaffinity(0)))
+        if images not in by_size:
+            print(f"[run_all] making a .beton of {images} ImageNet-like images for the {name} benchmark", flush=True)
+            by_size[images] = make_beton(tmp / f"{name}.beton", images, len(os.sched_getaffinity(0)))
+        betons[name] = by_size[images]
     return {name: betons.get(name, betons[readers[0]]) for name in readers}
 
 

@@ -2,13 +2,22 @@
 
 The fields up to `ddpjob` are the release's `main.py` arguments with the release's defaults (spec section 1);
 the fields after them are this project's additions. `recipe(name)` gives the five released runs and `tiny`.
+Every config is checked when it is built (`FIELD_CHECKS`, `config_problem`): a bad value is a ValueError that
+names its flag, and a one-line usage error (exit status 2) on the command line.
 """
 
 import argparse
 import dataclasses
+import functools
 import json
+import math
+import numbers
+import os
+import shlex
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ARCH_CHOICES = ("vit_tiny", "vit_small", "vit_base", "vit_large")
@@ -98,27 +107,16 @@ class MugsConfig:
     log_freq: int = _opt(100, "steps between metric lines")
     checkpoint_minutes: float = _opt(10.0, "also write checkpoint.pth every this many minutes (0: epoch ends only)")
     knn_freq: int = _opt(10, "epochs between kNN evaluations on --val_path (0: only after the last epoch)")
+    linear_eval: bool = _opt(False, "after the last epoch, also the fast linear probe on --val_path (mugs-linear)")
+    collective_timeout_minutes: float = _opt(
+        10.0, "a collective that waits this long for another rank fails the run, naming the rank that did not answer"
+    )
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ValueError(f"{f.name} must be one of {', '.join(choices)}, not {getattr(self, f.name)!r}")
-        if len(self.loss_weights) != 3 or min(self.loss_weights) < 0 or sum(self.loss_weights) <= 0:
-            raise ValueError(f"loss_weights must be 3 non-negative numbers, not all 0: {self.loss_weights}")
-        if self.use_fp16:
-            raise ValueError("use_fp16 is not supported: use --precision bf16 (default) or fp32")
-        if len(self.size_crops) != 1:
-            raise ValueError(f"size_crops takes one local crop size, got {self.size_crops}")
-        for name in ("global_crop_size", "size_crops"):
-            sizes = self.size_crops if name == "size_crops" else (self.global_crop_size,)
-            if any(s <= 0 or s % self.patch_size for s in sizes):
-                raise ValueError(f"{name} must be positive multiples of patch_size {self.patch_size}: {sizes}")
-        if self.local_group_knn_top_n > self.local_group_queue_size:
-            raise ValueError("local_group_knn_top_n must not exceed local_group_queue_size")
-        for name in ("warmup_epochs", "group_warmup_teacher_temp_epochs"):
-            if getattr(self, name) > self.epochs:
-                raise ValueError(f"{name} ({getattr(self, name)}) must not exceed epochs ({self.epochs})")
+        """Every config is checked when it is built (parser, recipe, replace, from_dict): see `config_problem`."""
+        problem = config_problem(self)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def use_instance(self) -> bool:
@@ -153,6 +151,205 @@ class MugsConfig:
     @classmethod
     def from_json(cls, text: str) -> "MugsConfig":
         return cls.from_dict(json.loads(text))
+
+
+# ---- what every field accepts ----
+
+Check = Callable[[Any], str | None]  # a value's problem ("must be >= 0"), or None when it is accepted
+
+
+def _anything(value: Any) -> None:
+    """Any value of the field's type."""
+    return None
+
+
+def _at_least(lo: float) -> Check:
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _above(lo: float) -> Check:
+    return lambda v: None if v > lo else f"must be > {lo}"
+
+
+def _between(lo: float, hi: float) -> Check:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _one_of(choices: tuple) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def _one(check: Check) -> Check:
+    """A tuple field that takes exactly one value (nargs="+" for the release's command lines)."""
+    return lambda v: f"takes one value, got {len(v)}" if len(v) != 1 else check(v[0])
+
+
+def _scale(v: tuple[float, ...]) -> str | None:
+    ok = len(v) == 2 and 0 < v[0] <= v[1] <= 1
+    return None if ok else "must be two numbers, 0 < min <= max <= 1"
+
+
+def _loss_weights(v: tuple[float, ...]) -> str | None:
+    ok = len(v) == 3 and min(v) >= 0 and sum(v) > 0
+    return None if ok else "must be 3 non-negative numbers, not all 0"
+
+
+def _recipe(v: str) -> str | None:
+    return None if v == "" or v in RECIPES else f"must be empty or one of {', '.join(RECIPES)}"
+
+
+def _release_fp16(v: bool) -> str | None:
+    return "is not supported: use --precision bf16 (default) or fp32" if v else None
+
+
+# One entry per field: a new field needs one (a test checks); the relations between fields are in
+# `_relation_problem`. Each field's type is checked first (`_type_problem`).
+FIELD_CHECKS: dict[str, Check] = {
+    "arch": _one_of(ARCH_CHOICES),
+    "patch_size": _at_least(1),
+    "momentum_teacher": _between(0, 1),
+    "use_fp16": _release_fp16,
+    "weight_decay": _at_least(0),
+    "weight_decay_end": _at_least(0),
+    "clip_grad": _at_least(0),  # 0 disables clipping
+    "batch_size_per_gpu": _at_least(1),
+    "epochs": _at_least(1),
+    "warmup_epochs": _at_least(0),
+    "freeze_last_layer": _at_least(0),
+    "lr": _above(0),
+    "patch_embed_lr_mult": _at_least(0),  # 0 freezes the patch embedding
+    "min_lr": _at_least(0),
+    "optimizer": _one_of(OPTIMIZER_CHOICES),
+    "drop_path_rate": lambda v: None if 0 <= v < 1 else "must be >= 0 and < 1",
+    "loss_weights": _loss_weights,
+    "use_bn_in_head": _anything,
+    "norm_before_pred": _anything,
+    "instance_out_dim": _at_least(1),
+    "instance_queue_size": _at_least(1),  # the engine checks it against the global batch (world size)
+    "instance_temp": _above(0),
+    "local_group_out_dim": _at_least(1),
+    "local_group_knn_top_n": _at_least(1),
+    "local_group_queue_size": _at_least(1),
+    "local_group_temp": _above(0),
+    "group_out_dim": _at_least(1),
+    "group_bottleneck_dim": _at_least(1),
+    "norm_last_layer": _anything,
+    "group_student_temp": _above(0),
+    "group_warmup_teacher_temp": _above(0),
+    "group_teacher_temp": _above(0),
+    "group_warmup_teacher_temp_epochs": _at_least(0),
+    "global_crops_scale": _scale,
+    "local_crops_number": _at_least(0),
+    "local_crops_scale": _scale,
+    "timm_auto_augment_par": _anything,  # the DALI loader refuses all but the release's (engine start-up)
+    "color_aug": _anything,
+    "size_crops": _one(_at_least(1)),
+    "strong_ratio": _between(0, 1),
+    "re_prob": _between(0, 1),
+    "vanilla_weak_augmentation": _anything,
+    "prob": _between(0, 1),
+    "data_path": _anything,  # files are checked when the run starts (exit status 1)
+    "output_dir": lambda v: None if v else "must not be empty",
+    "saveckp_freq": _at_least(0),  # 0: no numbered copies
+    "seed": _between(0, 2**32 - 1),  # numpy's global seed
+    "num_workers": _at_least(1),
+    # accepted for the release's command lines, without effect: any value of the type
+    "dist_url": _anything,
+    "local_rank": _anything,
+    "rank": _anything,
+    "world_size": _anything,
+    "use_prefetcher": _anything,
+    "debug": _anything,
+    "ddpjob": _anything,
+    # this project's additions
+    "recipe": _recipe,
+    "precision": _one_of(PRECISION_CHOICES),
+    "official_memory_pointer": _anything,
+    "global_crop_size": _at_least(1),
+    "depth": _at_least(0),  # 0: the architecture's depth
+    "head_hidden_dim": _at_least(1),
+    "pred_hidden_dim": _at_least(1),
+    "val_path": _anything,
+    "max_steps": _at_least(0),  # 0: all epochs
+    "synthetic": _anything,
+    "compile": _anything,
+    "log_freq": _at_least(1),
+    "checkpoint_minutes": _at_least(0),  # 0: at epoch ends only
+    "knn_freq": _at_least(0),  # 0: after the last epoch only
+    "linear_eval": _anything,
+    "collective_timeout_minutes": _above(0),
+}
+
+
+def _type_problem(hint: Any, value: Any) -> str | None:
+    """Whether `value` has the field's type: an int is a float, a bool is neither (as on the command line), and
+    inf and nan are no numbers (they turn every schedule and loss they reach into inf or nan)."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, tuple) and all(_type_problem(item, v) is None for v in value):
+            return None
+        return f"must be a tuple of {_ITEM_NAMES[item]}"
+    plain = {bool: isinstance(value, bool), str: isinstance(value, str)}.get(hint)
+    if plain is None:
+        numeric = numbers.Integral if hint is int else numbers.Real
+        plain = isinstance(value, numeric) and not isinstance(value, bool) and math.isfinite(value)
+    return None if plain else f"must be {_TYPE_NAMES[hint]}"
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+_ITEM_NAMES = {int: "integers", float: "finite numbers"}
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(MugsConfig)
+
+
+def _relation_problem(c: "MugsConfig") -> tuple[str, str] | None:
+    """(field, problem) of the first relation between fields that does not hold, or None."""
+    for name, size in (("global_crop_size", c.global_crop_size), ("size_crops", c.size_crops[0])):
+        if size % c.patch_size:  # the ViT cuts whole patches
+            return name, f"must be a multiple of --patch_size ({c.patch_size})"
+    if c.min_lr > c.lr:
+        return "min_lr", f"must not exceed --lr ({c.lr})"
+    for name in ("warmup_epochs", "group_warmup_teacher_temp_epochs", "freeze_last_layer"):
+        if getattr(c, name) > c.epochs:
+            return name, f"must not exceed --epochs ({c.epochs})"
+    if c.local_group_knn_top_n > c.local_group_queue_size:
+        return "local_group_knn_top_n", f"must not exceed --local_group_queue_size ({c.local_group_queue_size})"
+    if c.linear_eval and not c.val_path:
+        return "linear_eval", "needs --val_path (the probe's validation set)"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A value as it is typed on the command line."""
+    if isinstance(value, tuple):
+        return " ".join(map(_shown, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return shlex.quote(value) if isinstance(value, str) else str(value)
+
+
+def config_problem(c: "MugsConfig") -> str | None:
+    """The first thing wrong with a config as one line naming the flag ("--lr -0.1: must be > 0"), or None.
+
+    Each field's type, then its range (`FIELD_CHECKS`), then the relations between fields.
+    """
+    hints = _type_hints()
+    for f in dataclasses.fields(c):
+        value = getattr(c, f.name)
+        problem = _type_problem(hints[f.name], value)
+        if problem:  # only from Python: the parser converts every value
+            return f"--{f.name} {value!r}: {problem}"
+        problem = FIELD_CHECKS.get(f.name, _anything)(value)  # a field missing there fails a test, not a run
+        if problem:
+            return f"--{f.name} {_shown(value)}: {problem}"
+    relation = _relation_problem(c)
+    if relation:
+        name, problem = relation
+        return f"--{name} {_shown(getattr(c, name))}: {problem}"
+    return None
 
 
 # Differences from the defaults (spec 1.1). The released runs used W GPUs: 8, 16, 16, 24 and 40.
@@ -292,7 +489,8 @@ def build_parser(base: MugsConfig | None = None) -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> MugsConfig:
     """Parse a command line into a config: `--recipe NAME` sets the base, explicit flags override it.
 
-    An unknown flag, a value of the wrong type or an inconsistent config exits with a one-line usage error.
+    An unknown flag, a value of the wrong type or out of range, an inconsistent config, or an --output_dir that
+    cannot be written exits with a one-line usage error (status 2) naming the flag, before anything is written.
     """
     pre = _OneLineErrors("mugs", add_help=False, allow_abbrev=False)
     pre.add_argument("--recipe", choices=sorted(RECIPES))
@@ -303,6 +501,24 @@ def parse_config(argv: list[str] | None = None) -> MugsConfig:
     args["recipe"] = args["recipe"] or ""
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     try:
-        return MugsConfig(**values)
+        cfg = MugsConfig(**values)
     except ValueError as e:
         parser.error(str(e))
+    problem = output_dir_problem(cfg.output_dir)
+    if problem:
+        parser.error(f"--output_dir {_shown(cfg.output_dir)}: {problem}")
+    return cfg
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be a run directory (not a directory, or not writable), or None. Creates nothing: a
+    directory still to be made is judged by its nearest existing parent. (Not a check of the config itself: a
+    config read from a checkpoint names a directory of another machine.)"""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists() or p.is_symlink())
+    where = "" if existing == path else f"its parent {existing} "
+    if not existing.is_dir():
+        return f"{where}is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{where}is not writable"
+    return None

@@ -25,17 +25,29 @@ from mugs_fast.checkpoint import (
     remove_stale_temporaries,
     restore_training_state,
 )
-from mugs_fast.config import MugsConfig
-from mugs_fast.knn import evaluate_knn, knn_temperature
-from mugs_fast.metrics import MetricLogger, code_version, write_run_info
+from mugs_fast.config import MugsConfig, output_dir_problem
+from mugs_fast.data.beton import BetonError, BetonReader
+from mugs_fast.data.contract import CropSpec, MultiCropSource
+from mugs_fast.knn import DatasetMismatch, check_knn_datasets, evaluate_knn, knn_temperature
+from mugs_fast.metrics import MetricLogger, code_version, plot_learning_curves, write_run_info
+from mugs_fast.monitor import CollapseMonitor
 from mugs_fast.mugs import Mugs, train_step
 from mugs_fast.optim import Schedules, build_optimizer, build_schedules
-from mugs_fast.runtime import Runtime, StopSignal, init_runtime, seed_everything, shutdown
+from mugs_fast.runtime import (
+    RunLock,
+    Runtime,
+    StopSignal,
+    collective_failure,
+    init_runtime,
+    seed_everything,
+    shutdown,
+)
 
 # Fields that may change between a run and its resumption: how it is driven, not what it computes.
 RUN_CONTROL_FIELDS = frozenset(
     {"max_steps", "output_dir", "data_path", "val_path", "log_freq", "checkpoint_minutes", "knn_freq", "compile"}
-    | {"num_workers", "dist_url", "local_rank", "rank", "world_size", "recipe"}
+    | {"linear_eval"}
+    | {"num_workers", "dist_url", "local_rank", "rank", "world_size", "recipe", "collective_timeout_minutes"}
 )
 
 
@@ -58,7 +70,7 @@ class Run:
 
     cfg: MugsConfig
     rt: Runtime
-    loader: Any
+    loader: MultiCropSource
     model: Mugs
     optimizer: torch.optim.Optimizer
     schedules: Schedules
@@ -66,6 +78,8 @@ class Run:
     logger: MetricLogger
     stop: StopSignal
     knn: dict[str, Any] | None = field(default=None)
+    monitor: CollapseMonitor | None = field(default=None)  # collapse signals of each logging interval's last step
+    batches: Any = field(default=None)  # the loader's running iteration (a generator), closed by `_train`
 
     @property
     def iters_per_epoch(self) -> int:
@@ -76,15 +90,42 @@ def train(cfg: MugsConfig) -> TrainResult:
     """Trains (or resumes) the run described by `cfg`; raises TrainError with a one-line message."""
     check_inputs(cfg)
     rt = init_runtime(cfg)
+    lock = RunLock(cfg.output_dir)
     try:
+        _own_run_directory(lock, rt)
         return _train(cfg, rt)
+    except RuntimeError as e:  # a frozen or lost rank: one line that names it, not a traceback
+        message = collective_failure(rt, e, cfg.collective_timeout_minutes)
+        if message is None:
+            raise
+        raise TrainError(message) from None
     finally:
+        lock.release()
         shutdown(rt)
 
 
+def _own_run_directory(lock: RunLock, rt: Runtime) -> None:
+    """Rank 0 locks the run directory for the run's life; every rank refuses to start when another run holds it
+    (two commands on one directory would interleave their metrics and overwrite each other's checkpoint)."""
+    holder = None
+    if rt.is_main:
+        lock.path.parent.mkdir(parents=True, exist_ok=True)
+        holder = lock.acquire()
+    if rt.vote(holder is not None)[0]:
+        holder = rt.gather_objects(holder)[0]
+        raise TrainError(
+            f"--output_dir {lock.path.parent} is in use by another run ({holder}): wait for it to end "
+            "or use another --output_dir"
+        )
+
+
 def check_inputs(cfg: MugsConfig) -> None:
+    """Refuses, before anything is built or written, input the run would fail on later: missing or unreadable
+    .beton files, a val set whose labels kNN cannot match to the training set's, unsupported augmentations."""
     if cfg.synthetic == bool(cfg.data_path):
         raise TrainError("give either --data_path FILE.beton or --synthetic true")
+    if problem := output_dir_problem(cfg.output_dir):
+        raise TrainError(f"--output_dir {cfg.output_dir}: {problem}")
     for name in ("data_path", "val_path"):
         path = getattr(cfg, name)
         if path and not Path(path).is_file():
@@ -93,6 +134,20 @@ def check_inputs(cfg: MugsConfig) -> None:
         raise TrainError("--val_path needs --data_path: the kNN evaluation uses the training set as its memory")
     if cfg.data_path:
         _check_augmentation(cfg)
+    # the files' contents too, now: a bad --val_path would otherwise surface at the first evaluation, epochs later
+    readers = {name: _open_beton(name, getattr(cfg, name)) for name in ("data_path", "val_path") if getattr(cfg, name)}
+    if cfg.val_path:
+        try:
+            check_knn_datasets(readers["data_path"], readers["val_path"])
+        except DatasetMismatch as e:
+            raise TrainError(f"--val_path {cfg.val_path}: {e}") from None
+
+
+def _open_beton(flag: str, path: str) -> BetonReader:
+    try:
+        return BetonReader(path)
+    except BetonError as e:  # its message starts with the path
+        raise TrainError(f"--{flag} {e}") from None
 
 
 def _check_augmentation(cfg: MugsConfig) -> None:
@@ -129,7 +184,7 @@ def check_ring_sizes(cfg: MugsConfig, world_size: int) -> None:
 
 def _train(cfg: MugsConfig, rt: Runtime) -> TrainResult:
     out = Path(cfg.output_dir)
-    resume = _existing_checkpoint(cfg, out)
+    resume = _existing_checkpoint(cfg, out, rt.world_size)
     if rt.vote(resume is None)[0] and rt.vote(resume is not None)[0]:
         raise TrainError(f"only some processes see {out / CHECKPOINT_NAME}: put --output_dir where every node sees it")
     version = code_version()
@@ -159,15 +214,19 @@ def _train(cfg: MugsConfig, rt: Runtime) -> TrainResult:
         enabled=rt.is_main,
     )
     with StopSignal() as stop:
-        run = Run(cfg, rt, loader, model, optimizer, schedules, saver, logger, stop)
+        run = Run(cfg, rt, loader, model, optimizer, schedules, saver, logger, stop, monitor=CollapseMonitor(model))
         try:
             signal_name = _loop(run, start, total) if start < total else ""
         finally:
             logger.close()
+            if run.batches is not None:  # close it now, while DALI is up: a traceback would keep it alive
+                run.batches.close()  # until exit, where draining the torn-down pipeline prints AttributeError
     stopped_by = signal_name or ("done" if total == len(schedules) else "max_steps")
     step = saver.last_step if saver.last_step is not None else start
     if rt.is_main:
         print(f"mugs-train: stopped ({stopped_by}) at step {step}/{total}; checkpoint {saver.path}", flush=True)
+    if rt.is_main and cfg.val_path:
+        plot_learning_curves(out / "metrics.jsonl", out / "learning_curves.png", title=cfg.recipe or cfg.arch)
     return TrainResult(step, total, stopped_by, saver.path if saver.path.exists() else None, run.knn)
 
 
@@ -179,36 +238,48 @@ def _loop(run: Run, start: int, end: int) -> str:
         epoch, position = divmod(step, ipe)
         if batches is None or position == 0:
             run.loader.set_epoch(epoch)  # keeps the position of a resumed epoch
-            batches = iter(run.loader)
+            batches = run.batches = iter(run.loader)
 
         # data: host time blocked here is the data wait of the metrics
         t0 = time.perf_counter()
         batch = next(batches)
         data_seconds = time.perf_counter() - t0
 
-        # one Mugs step; nothing in it syncs with the GPU
+        # one Mugs step; nothing in it syncs with the GPU (the last step of a logging interval is also
+        # measured by the collapse monitor, on the device)
+        last = step + 1 == end
+        if (step + 1) % run.logger.log_freq == 0 or last:
+            run.monitor.arm(float(run.schedules.teacher_temp[step]))
         metrics = train_step(run.model, run.optimizer, run.schedules, batch, step)
         run.logger.step(metrics, data_seconds)
 
-        # logging interval: reads the losses (sync) and stops on a non-finite one
-        last = step + 1 == end
+        # logging interval: reads the losses and the collapse signals (sync) and stops on a non-finite loss
         if run.logger.due(step) or last:
-            run.logger.log(step, epoch, getattr(run.loader, "num_replaced", 0))  # the synthetic loader has none
+            record = run.logger.log(step, epoch, run.loader.num_replaced, snapshot=run.monitor.take())
+            _warn_if_collapsed(run, record)
             _stop_if_nonfinite(run)
 
-        # epoch end: kNN every knn_freq epochs, checkpoint, numbered copy every saveckp_freq epochs
+        # epoch end: checkpoint, numbered copy every saveckp_freq epochs, then kNN every knn_freq epochs (after
+        # the checkpoint: an evaluation that fails loses no training)
         epoch_end = position + 1 == ipe
-        if epoch_end and cfg.val_path and _knn_due(cfg, epoch):
-            _evaluate(run, epoch, step + 1)  # syncs (reads the accuracies)
         stop_now, time_due = rt.vote(run.stop.received is not None, run.saver.time_due())  # host-side only
         if epoch_end or last or stop_now or time_due:
             _stop_if_nonfinite(run)
             run.saver.save(step + 1)  # sync: the state is copied to the host
         if epoch_end and cfg.saveckp_freq and epoch % cfg.saveckp_freq == 0:
             run.saver.keep_numbered(epoch)
+        if epoch_end and cfg.val_path and _knn_due(cfg, epoch):
+            _evaluate(run, epoch, step + 1)  # syncs (reads the accuracies)
         if stop_now:
             return run.stop.name
     return ""
+
+
+def _warn_if_collapsed(run: Run, record: dict[str, Any] | None) -> None:
+    """Prints the collapse warning (rank 0, once per run) when the record's signals cross their thresholds."""
+    warning = run.monitor.warning(record) if record is not None else None
+    if warning:
+        run.logger.warn(warning)
 
 
 def _stop_if_nonfinite(run: Run) -> None:
@@ -239,15 +310,36 @@ def _evaluate(run: Run, epoch: int, step: int) -> None:
         num_threads=rt.loader_threads,
     )
     run.logger.log_eval(step, epoch, "knn", run.knn)
+    if cfg.linear_eval and epoch + 1 == cfg.epochs:
+        _evaluate_linear(run, epoch, step)
 
 
-def build_loader(cfg: MugsConfig, rt: Runtime):
+def _evaluate_linear(run: Run, epoch: int, step: int) -> None:
+    """The fast linear probe of the teacher (`mugs_fast.linear`), after the last epoch; every rank runs it."""
+    from mugs_fast.linear import LinearProbeError, linear_probe
+
+    cfg, rt = run.cfg, run.rt
+    try:
+        results = linear_probe(
+            run.model.teacher.backbone,
+            cfg.arch,
+            cfg.data_path,
+            cfg.val_path,
+            precision=cfg.precision,
+            num_threads=rt.loader_threads,
+            rank=rt.rank,
+            world_size=rt.world_size,
+        )
+    except LinearProbeError as e:  # e.g. too few images to hold some out; the checkpoint is saved already
+        raise TrainError(f"linear probe: {e}") from None
+    run.logger.log_eval(step, epoch, "linear", results)
+
+
+def build_loader(cfg: MugsConfig, rt: Runtime) -> MultiCropSource:
     """The multi-crop loader of this rank: DALI over cfg.data_path, or synthetic crops on the device."""
     dtype = torch.bfloat16 if (cfg.precision == "bf16" and rt.device.type == "cuda") else torch.float32
     args = dict(
-        local_crops_number=cfg.local_crops_number,
-        global_size=cfg.global_crop_size,
-        local_size=cfg.size_crops[0],
+        crops=CropSpec.from_config(cfg),
         device=rt.device,
         seed=cfg.seed,
         rank=rt.rank,
@@ -272,8 +364,8 @@ def build_model(cfg: MugsConfig, device: torch.device) -> Mugs:
     return Mugs(cfg).to(device)
 
 
-def _existing_checkpoint(cfg: MugsConfig, out: Path) -> dict[str, Any] | None:
-    """The run directory's checkpoint, after checking that it belongs to the same run."""
+def _existing_checkpoint(cfg: MugsConfig, out: Path, world_size: int) -> dict[str, Any] | None:
+    """The run directory's checkpoint, after checking that it belongs to the same run (before anything is written)."""
     path = out / CHECKPOINT_NAME
     if not path.exists():
         return None
@@ -289,13 +381,13 @@ def _existing_checkpoint(cfg: MugsConfig, out: Path) -> dict[str, Any] | None:
     ]
     if differ:
         raise TrainError(f"{out} holds a run with other settings ({'; '.join(differ)}): use another --output_dir")
+    if len(ckpt["rng"]) != world_size:
+        written_by = len(ckpt["rng"])
+        raise TrainError(f"cannot resume: the checkpoint was written by {written_by} processes, not {world_size}")
     return ckpt
 
 
 def _restore(ckpt: dict[str, Any], model: Mugs, optimizer, loader, rt: Runtime) -> int:
-    if len(ckpt["rng"]) != rt.world_size:
-        written_by = len(ckpt["rng"])
-        raise TrainError(f"cannot resume: the checkpoint was written by {written_by} processes, not {rt.world_size}")
     try:
         return restore_training_state(ckpt, model, optimizer, loader, rt.rank)
     except ValueError as e:

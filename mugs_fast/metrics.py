@@ -10,6 +10,7 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,16 @@ from tqdm import tqdm
 
 from mugs_fast.config import MugsConfig
 from mugs_fast.distributed import all_reduce_mean, get_world_size
+from mugs_fast.files import atomic_path
 
 SCHEDULE_KEYS = ("lr", "wd", "momentum", "teacher_temp")
 SHORT_NAMES = {"instance-sup.": "instance", "local-group-sup.": "local-group", "group-sup.": "group"}
+SIGNAL_NAMES = {  # the collapse monitor's (mugs_fast.monitor)
+    "embedding_std": "emb-std",
+    "group_entropy": "group-entropy",
+    "group_row_entropy": "row-entropy",
+    "group_agreement": "agreement",
+}
 
 
 def code_version() -> dict[str, Any]:
@@ -117,19 +125,27 @@ class MetricLogger:
         """Whether the step just done (0-based index) ends a logging interval."""
         return (step + 1) % self.log_freq == 0 and self._count > 0
 
-    def log(self, step: int, epoch: int, replaced_samples: int = 0) -> dict[str, Any] | None:
+    def log(
+        self, step: int, epoch: int, replaced_samples: int = 0, snapshot: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, Any] | None:
         """Closes the interval ending with step `step` (0-based): every rank must call it. Returns the record.
 
         replaced_samples: this rank's count of undecodable samples its loader replaced so far (summed over ranks).
+        snapshot: 0-d device tensors measured on one step (the collapse signals), the same keys on every rank:
+        logged as they are, averaged over ranks.
         """
         if self._count == 0:
             return None
-        # one collective and one host sync per interval: the count rides along with the metric means
-        local = torch.cat([self._sum / self._count, self._sum.new_tensor([replaced_samples])])
+        # one collective and one host sync per interval: the snapshot and the count ride along with the means
+        snapshot = snapshot or {}
+        values = [v.float().reshape(1) for v in snapshot.values()]
+        local = torch.cat([self._sum / self._count, *values, self._sum.new_tensor([replaced_samples])])
         means = all_reduce_mean(local).tolist()
         replaced = round(means.pop() * get_world_size())
         seconds = time.perf_counter() - self._since
+        means, snapped = means[: len(self._keys)], means[len(self._keys) :]
         record: dict[str, Any] = {"step": step + 1, "epoch": epoch, **dict(zip(self._keys, means, strict=True))}
+        record.update(zip(snapshot, snapped, strict=True))
         record.update(self._schedule)
         record["images_per_s"] = self._count * self.global_batch / seconds
         record["data_wait"] = self._data_seconds / seconds
@@ -142,6 +158,11 @@ class MetricLogger:
             self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
             self.bar.write(format_record(record, self.total_steps))
         return record
+
+    def warn(self, message: str) -> None:
+        """A one-line warning on stderr, between progress-bar updates (rank 0)."""
+        if self.enabled:
+            self.bar.write(message, file=sys.stderr)
 
     def log_eval(self, step: int, epoch: int, name: str, results: dict[str, Any]) -> None:
         """An evaluation result (e.g. kNN accuracies) into metrics.jsonl, TensorBoard and stdout (rank 0)."""
@@ -167,13 +188,38 @@ class MetricLogger:
 
 
 def _drop_records_after(path: Path, step: int) -> None:
-    """A resumed run logs again the steps after its checkpoint: forget what the stopped run logged for them."""
+    """A resumed run logs again the steps after its checkpoint: forget what the stopped run logged for them.
+
+    Lines that are not records (the partial last line of a write cut short by a node crash, a damaged line in
+    the middle) are dropped with a warning that names them, so that the file stays valid JSON lines and the next
+    record starts on a line of its own. The file is replaced atomically.
+    """
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) < len(lines):
-        path.write_text("".join(kept))
+    text = path.read_text(errors="replace")
+    kept, damaged = [], []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): a damaged line may hold \r or \x1c
+        record = _parse_record(line)
+        if record is None and line.strip():
+            damaged.append(number)
+        elif record is not None and record["step"] <= step:
+            kept.append(line + "\n")
+    if damaged:
+        where = "the last line, a partial write" if damaged == [text.count("\n") + 1] else f"lines {damaged}"
+        warnings.warn(f"{path}: dropped {len(damaged)} damaged line(s) ({where})", RuntimeWarning, stacklevel=3)
+    if "".join(kept) != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept))
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """The record a metrics.jsonl line holds, or None (not JSON, or not a record with an integer step)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
+    return record if ok else None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -194,8 +240,45 @@ def format_record(r: dict[str, Any], total_steps: int) -> str:
         f"lr {r['lr']:.3g} wd {r['wd']:.3g} momentum {r['momentum']:.5f} teacher_temp {r['teacher_temp']:.3f} | "
         f"{r['images_per_s']:.0f} img/s, data wait {100 * r['data_wait']:.0f}%"
     )
+    signals = " ".join(f"{name} {r[k]:.3g}" for k, name in SIGNAL_NAMES.items() if k in r)
+    if signals:
+        line += f" | {signals}"
     if "peak_mem_gib" in r:
         line += f" | peak mem {r['peak_mem_gib']:.1f} GiB"
     if r.get("replaced_samples"):
         line += f" | {r['replaced_samples']} undecodable samples replaced"
     return line
+
+
+def knn_per_epoch(records: list[dict[str, Any]], k: str = "20") -> list[dict[str, float]]:
+    """The kNN top-1 (%) of each evaluation in a run's metrics.jsonl records, as [{"epoch": epochs trained, "top1"}]."""
+    return [{"epoch": r["epoch"] + 1, "top1": r["knn"]["k"][k]["top1"]} for r in records if "knn" in r]
+
+
+def plot_learning_curves(
+    metrics_jsonl: Path, png: Path, *, initial_knn: float | None = None, k: str = "20", title: str = "Mugs run"
+) -> Path:
+    """One figure of a run's metrics.jsonl: the losses against the step (left) and the kNN top-1 at the end of
+    each evaluated epoch (right), from `initial_knn` (the network at initialisation, at epoch 0) when given."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, nothing global
+
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    fig = Figure(figsize=(11, 4))
+    losses, accuracy = fig.subplots(1, 2)
+    for key, label in (("loss", "total"), *SHORT_NAMES.items()):
+        if train and key in train[0]:
+            losses.plot([r["step"] for r in train], [r[key] for r in train], label=label)
+    losses.set(xlabel="step", ylabel="loss", title=f"{title}: training losses")
+    losses.legend()
+    points = [{"epoch": 0, "top1": initial_knn}] if initial_knn is not None else []
+    points += knn_per_epoch(records, k)
+    if points:
+        accuracy.plot([p["epoch"] for p in points], [p["top1"] for p in points], marker="o")
+    accuracy.set(xlabel="epochs trained", ylabel="top-1 (%)", title=f"kNN on the val set (k={k})")
+    accuracy.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (losses, accuracy):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return png

@@ -1,24 +1,26 @@
 """The step benchmark (CPU smoke), its profile categories, target verdicts, and the README regeneration."""
 
 import json
-import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from _fixtures import write_beton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bench_linear  # noqa: E402
 import bench_loader  # noqa: E402
 import bench_prep  # noqa: E402
 import bench_step  # noqa: E402
 import readme_results  # noqa: E402
 import step_profile  # noqa: E402
 import step_report  # noqa: E402
-import step_timing  # noqa: E402
 from step_profile import Kernel  # noqa: E402
 
+from kernels import dispatch  # noqa: E402
 from mugs_fast.flops import step_flops_per_image  # noqa: E402
 
 # ---- profile categories ----
@@ -225,15 +227,22 @@ def test_render_without_results_says_so(tmp_path):
 # ---- bench_step, CPU smoke ----
 
 
-@pytest.mark.parametrize("before", [None, "triton"])
-def test_pytorch_kernels_switch_restores_the_environment(monkeypatch, before):
-    if before is None:
-        monkeypatch.delenv("MUGS_KERNELS", raising=False)
-    else:
-        monkeypatch.setenv("MUGS_KERNELS", before)
-    with step_timing.pytorch_kernels():
-        assert os.environ["MUGS_KERNELS"] == "torch"
-    assert os.environ.get("MUGS_KERNELS") == before
+def test_release_way_steps_with_the_pytorch_kernels_whatever_the_environment(monkeypatch):
+    monkeypatch.setenv("MUGS_KERNELS", "triton")
+    modes = []
+
+    class Built(Exception):
+        pass
+
+    def stepper(cfg, device):
+        modes.append(dispatch.kernel_mode())
+        raise Built
+
+    monkeypatch.setattr(bench_step, "Stepper", stepper)
+    cfg, args = bench_step.bench_config("vit_tiny", 5, quick=True), SimpleNamespace(workers=1, release_rounds=1)
+    with pytest.raises(Built):
+        bench_step.release_way(cfg, 5, Path("unread.beton"), args, torch.device("cpu"))
+    assert modes == ["torch"] and dispatch.kernel_mode() == "triton"  # the environment's again after the mode
 
 
 def test_bench_step_cli_refuses_bad_input(capsys, tmp_path):
@@ -302,3 +311,59 @@ def test_bench_loader_save_replaces_the_record_of_the_same_run(tmp_path):
     bench_loader.save([record("dali-cpu", 16, 3.0), record("dali-cpu", 32, 4.0)], path)
     runs = [(r["pipeline"], r["batch_size"], r["img_s"]) for r in json.loads(path.read_text())]
     assert runs == [("reference", 16, 2.0), ("dali-cpu", 16, 3.0), ("dali-cpu", 32, 4.0)]
+
+
+# ---- bench_linear ----
+
+
+def test_bench_linear_quick_on_cpu_writes_a_record_labelled_with_the_cpu(tmp_path):
+    beton = write_beton(tmp_path / "tiny.beton", 11, min_size=72, max_size=97)
+    out = tmp_path / "bench_linear.json"
+    assert bench_linear.main([str(beton), "--quick", "--out", str(out)]) == 0
+
+    (r,) = json.loads(out.read_text())
+    assert r["device"].startswith("cpu (") and r["cuda"] is False and r["quick"] is True and r["arch"] == "vit_tiny"
+    assert r["extraction"]["images"] == 11 and r["extraction"]["img_s"] > 0 and r["extraction"]["feature_dim"] == 768
+    assert (r["sweep"]["classifiers"], r["sweep"]["epochs"], r["sweep"]["rows"]) == (20, 1, 512)
+    assert r["imagenet"]["total_s"] > 0 and [t["met"] for t in r["targets"]] == [None, None]
+    assert "Linear probe" not in readme_results.render(tmp_path, tmp_path)  # smoke runs are never published
+    out.write_text(json.dumps([{**r, "quick": False}]))
+    section = readme_results.render(tmp_path, tmp_path).split("### Linear probe")[1]
+    assert "| vit_tiny | cpu (" in section and "not judged here" in section
+
+
+def _linear_record(device: str, arch: str = "vit_small", img_s: float = 6000.0, total_s: float = 500.0) -> dict:
+    return {"device": device, "cuda": not device.startswith("cpu"), "arch": arch, "quick": False,
+            "extraction": {"img_s": img_s}, "imagenet": {"total_s": total_s}}  # fmt: skip
+
+
+def test_bench_linear_scales_the_sweep_to_imagenet_and_judges_vit_s_on_h100_class_gpus_only():
+    estimate = bench_linear.imagenet_estimate({"img_s": 10_000.0}, {"us_per_row_epoch": 2.0, "classes": 100})
+    assert estimate["extraction_s"] == round((1_281_167 + 50_000) / 10_000, 1)
+    assert estimate["sweep_s"] == round(2e-6 * 0.9 * 1_281_167 * 100 * 10, 1)  # 100 epochs, 1000 / 100 classes
+    assert [t["met"] for t in bench_linear.verdicts(_linear_record("NVIDIA H200"))] == [True, True]
+    assert [t["met"] for t in bench_linear.verdicts(_linear_record("NVIDIA H100 80GB HBM3", img_s=4000.0))] == [
+        False,
+        True,
+    ]
+    for record in (_linear_record("NVIDIA A100-SXM4-80GB"), _linear_record("NVIDIA H200", arch="vit_base"),
+                   _linear_record("cpu (AMD EPYC)")):  # fmt: skip
+        assert [t["met"] for t in bench_linear.verdicts(record)] == [None, None]
+
+
+def test_bench_linear_save_replaces_the_record_of_the_same_run(tmp_path):
+    path = tmp_path / "bench_linear.json"
+    record = lambda arch, rows, rate: dict(
+        device="X", arch=arch, quick=False, sweep={"rows": rows}, input={"images": 8}, rate=rate
+    )
+    for r in (record("vit_small", 64, 1.0), record("vit_base", 64, 2.0), record("vit_small", 64, 3.0)):
+        bench_linear.save(r, path)
+    assert [(r["arch"], r["rate"]) for r in json.loads(path.read_text())] == [("vit_base", 2.0), ("vit_small", 3.0)]
+
+
+def test_the_benchmarks_generated_beton_holds_every_image(tmp_path):
+    # run_all and bench_step make their input with bench_prep's generator, in one process per share
+    beton = bench_step.make_beton(tmp_path / "gen.beton", 11, 2)
+    from mugs_fast.data.beton import BetonReader
+
+    assert len(BetonReader(beton)) == 11 and not (tmp_path / "gen-jpegs").exists()

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from mugs_fast.data.beton import BetonReader
 from mugs_fast.demo import main
 
@@ -14,13 +16,19 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "demo done" in stdout and "same network at initialisation" in stdout and "chance 10.0%" in stdout
     assert len(BetonReader(out / "train.beton")) == 40 and len(BetonReader(out / "val.beton")) == 20
-    assert json.loads((out / "val.report.json").read_text())["skipped_files"] == []
-    assert (out / "train_sheet.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
+    assert json.loads((out / "val.beton.report.json").read_text())["skipped_files"] == []
+    assert (out / "train_sheet.png").stat().st_size > 0 and (out / "learning_curves.png").stat().st_size > 0
 
     summary = json.loads((out / "demo_summary.json").read_text())
     assert set(summary["knn_top1"]) == {"trained", "initial", "chance"} and summary["knn_top1"]["chance"] == 10.0
     assert summary["knn"]["trained"]["val_samples"] == 20 and summary["knn"]["trained"]["train_samples"] == 40
-    assert set(summary["seconds"]) == {"data", "train", "knn"}
+    assert set(summary["seconds"]) == {"data", "train", "knn", "linear"}
+    assert set(summary["linear_top1"]) == {"trained", "initial", "chance"} and summary["linear_top1"]["chance"] == 10.0
+    assert summary["linear"]["trained"]["val_samples"] == 20 and len(summary["linear"]["initial"]["grid"]) == 20
+    assert "linear-probe top-1 on val" in stdout
+    per_epoch = summary["knn_top1_per_epoch"]  # measured at the end of every epoch; the last one is the trained's
+    assert [e["epoch"] for e in per_epoch] == [1, 2] and per_epoch[-1]["top1"] == summary["knn_top1"]["trained"]
+    assert "trained, at the end of each epoch:" in stdout
     run = json.loads((out / "run" / "config.json").read_text())
     assert run["recipe"] == "tiny" and run["epochs"] == 2
 
@@ -32,3 +40,13 @@ def test_demo_error_is_one_line(tmp_path, capsys):
     assert main(["--output_dir", str(tmp_path / "file"), "--train_per_class", "1", "--val_per_class", "1"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mugs-demo: error:")
+
+
+def test_demo_bad_training_value_is_a_usage_error_before_any_work(tmp_path, capsys):
+    for flag, value in (("--epochs", "0"), ("--seed", "-1")):
+        with pytest.raises(SystemExit) as e:
+            main(["--output_dir", str(tmp_path / "demo"), flag, value])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mugs-demo: error: {flag} {value}: must be") and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # no data made

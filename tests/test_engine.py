@@ -1,6 +1,9 @@
 """mugs_fast.engine: the full loop on a tiny .beton, exact resumption, non-finite losses, run-directory checks."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from mugs_testing import small_cfg
 
 from mugs_fast import engine
 from mugs_fast.checkpoint import load_checkpoint
+from mugs_fast.data.beton import sidecar_path
 from mugs_fast.engine import TrainError, train
 
 STEPS_PER_EPOCH = 7  # 37 images, batch 5
@@ -110,3 +114,102 @@ def test_head_batchnorm_under_ddp_needs_gpus():
     rt = engine.Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
     with pytest.raises(TrainError, match="SyncBatchNorm"):
         engine._wrap_for_speed(model, cfg, rt)
+
+
+def test_a_run_directory_is_refused_while_a_live_process_holds_it(beton, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    hold = "import sys, time; from mugs_fast.runtime import RunLock; lock = RunLock(sys.argv[1]); lock.acquire()"
+    hold += "; print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(TrainError, match=rf"--output_dir {out} is in use by another run \(pid {holder.pid} on "):
+            train(_cfg(beton, out, max_steps=1))
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(_cfg(beton, out, max_steps=1)).step == 1  # a dead holder holds nothing
+
+
+def test_resume_survives_a_damaged_metrics_tail(beton, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(beton, out, max_steps=3))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "epoch": 0, "lo')  # a node crash mid-write
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl: dropped 1 damaged line\(s\) \(the last line"):
+        train(_cfg(beton, out, max_steps=4))
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [2, 3, 4]
+
+
+class _EvaluationFailed(Exception):
+    pass
+
+
+def test_the_epoch_end_checkpoint_is_written_before_the_evaluation(beton, tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise _EvaluationFailed
+
+    monkeypatch.setattr(engine, "evaluate_knn", failing)
+    out = tmp_path / "run"
+    with pytest.raises(_EvaluationFailed):
+        train(_cfg(beton, out, val_path=str(beton), knn_freq=1, max_steps=STEPS_PER_EPOCH + 2))
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == STEPS_PER_EPOCH  # the epoch's work is kept
+
+
+def _with_classes(path, classes, directory):
+    """A copy of the .beton `path` in `directory` with the class list `classes` beside it."""
+    copy = shutil.copy(path, directory / path.name)
+    sidecar_path(copy, "classes").write_text(json.dumps(classes))
+    return copy
+
+
+@pytest.mark.parametrize("problem", ["not_a_beton", "empty", "other_classes", "labels_beyond_train"])
+def test_a_bad_val_set_is_refused_before_anything_is_done(beton, tmp_path, problem):
+    train_path = beton
+    if problem == "not_a_beton":
+        val = tmp_path / "val.beton"
+        val.write_bytes(b"not a beton file" * 100)
+        message = r"--val_path .*val.beton: not"
+    elif problem == "empty":
+        val = write_beton(tmp_path / "val.beton", 0)
+        message = r"--val_path .*: holds no samples"
+    elif problem == "other_classes":
+        for split in ("train", "val"):
+            (tmp_path / split).mkdir()
+        train_path = _with_classes(beton, ["a", "b", "c", "d", "e"], tmp_path / "train")
+        val = _with_classes(write_beton(tmp_path / "val.beton", 11), ["a", "b", "x", "d", "e"], tmp_path / "val")
+        message = r"class list .* differs from the training set's .*: label 2 is 'x' in val, 'c' in train"
+    else:
+        val = write_beton(tmp_path / "val.beton", 11, num_classes=7)
+        message = r"labels up to 6, but the training set train.beton has 5 classes"
+    with pytest.raises(TrainError, match=message):
+        train(_cfg(train_path, tmp_path / "run", val_path=str(val), max_steps=1))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused_from_the_library_too(beton, tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(TrainError, match=r"--output_dir .*run: is not a directory"):
+        train(_cfg(beton, tmp_path / "run", max_steps=1))
+    assert (tmp_path / "run").read_text() == "not a directory"
+
+
+def test_a_run_with_a_val_set_writes_its_learning_curves(beton, tmp_path):
+    train(_cfg(beton, tmp_path / "plain", max_steps=2))
+    assert not (tmp_path / "plain" / "learning_curves.png").exists()
+    train(_cfg(beton, tmp_path / "val", val_path=str(beton), knn_freq=1, max_steps=STEPS_PER_EPOCH))
+    assert (tmp_path / "val" / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_linear_eval_adds_the_fast_probe_after_the_last_epoch_beside_knn(beton, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(beton, out, val_path=str(beton), knn_freq=0, epochs=1, linear_eval=True)
+    train(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn, linear = ([r for r in records if name in r] for name in ("knn", "linear"))
+    assert len(knn) == len(linear) == 1 and linear[0]["step"] == knn[0]["step"] == STEPS_PER_EPOCH
+    probe = linear[0]["linear"]
+    assert probe["mode"] == "cached" and len(probe["grid"]) == 20 and probe["val_samples"] == 37
+    assert 0 <= probe["best"]["top1"] <= probe["best"]["top5"] <= 100

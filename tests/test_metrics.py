@@ -2,9 +2,10 @@
 
 import json
 
+import pytest
 import torch
 
-from mugs_fast.metrics import MetricLogger, code_version, format_record
+from mugs_fast.metrics import MetricLogger, code_version, format_record, knn_per_epoch, plot_learning_curves
 
 
 def _metrics(loss: float) -> dict:
@@ -72,3 +73,29 @@ def test_a_resumed_run_forgets_what_was_logged_after_its_checkpoint(tmp_path):
     )
     logger.close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4]
+
+
+def test_damaged_lines_are_dropped_with_a_warning_and_the_file_stays_json_lines(tmp_path):
+    good = [json.dumps({"step": s, "loss": 1.0}) for s in (2, 4, 6)]
+    damaged = [good[0], "\x00\x00\x00", '{"loss": 1.0}', good[1], good[2]]  # a zero-filled block, a non-record
+    (tmp_path / "metrics.jsonl").write_text("\n".join(damaged))  # and a last line without its newline
+    with pytest.warns(RuntimeWarning, match=r"dropped 2 damaged line\(s\) \(lines \[2, 3\]\)"):
+        logger = MetricLogger(
+            tmp_path, total_steps=9, start_step=6, global_batch=1, log_freq=1, device=torch.device("cpu"), enabled=True
+        )
+    logger.step(_metrics(1.0), data_seconds=0.0)
+    logger.log(6, epoch=0)
+    logger.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [2, 4, 6, 7]
+
+
+def test_learning_curves_plot_the_losses_and_the_knn_of_every_epoch(tmp_path):
+    knn = lambda top1: {"k": {"20": {"top1": top1, "top5": 100.0}}}  # noqa: E731
+    records = [{"step": s, "epoch": s // 4, "loss": 5.0 - s / 10, "group-sup.": 4.0} for s in range(1, 9)]
+    records[4:4] = [{"step": 4, "epoch": 0, "knn": knn(30.0)}]
+    records.append({"step": 8, "epoch": 1, "knn": knn(42.5)})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert knn_per_epoch(records) == [{"epoch": 1, "top1": 30.0}, {"epoch": 2, "top1": 42.5}]
+    png = plot_learning_curves(metrics, tmp_path / "curves.png", initial_knn=20.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
