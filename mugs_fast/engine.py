@@ -248,7 +248,7 @@ def _loop(run: Run, start: int, end: int) -> str:
         # one Mugs step; nothing in it syncs with the GPU (the last step of a logging interval is also
         # measured by the collapse monitor, on the device)
         last = step + 1 == end
-        if (step + 1) % run.logger.log_freq == 0 or last:
+        if run.logger.ends_interval(step) or last:
             run.monitor.arm(float(run.schedules.teacher_temp[step]))
         metrics = train_step(run.model, run.optimizer, run.schedules, batch, step)
         run.logger.step(metrics, data_seconds)

@@ -121,9 +121,13 @@ class MetricLogger:
         self._data_seconds += data_seconds
         self.bar.update(self.global_batch)
 
+    def ends_interval(self, step: int) -> bool:
+        """Whether step `step` (0-based index) is the last of a logging interval."""
+        return (step + 1) % self.log_freq == 0
+
     def due(self, step: int) -> bool:
         """Whether the step just done (0-based index) ends a logging interval."""
-        return (step + 1) % self.log_freq == 0 and self._count > 0
+        return self.ends_interval(step) and self._count > 0
 
     def log(
         self, step: int, epoch: int, replaced_samples: int = 0, snapshot: dict[str, torch.Tensor] | None = None
