@@ -71,7 +71,7 @@ from data_prep.convert import convert  # noqa: E402
 from mugs_fast.config import MugsConfig, recipe  # noqa: E402
 from mugs_fast.data.contract import CropSpec  # noqa: E402
 from mugs_fast.flops import step_flops_per_image  # noqa: E402
-from mugs_fast.runtime import init_runtime  # noqa: E402
+from mugs_fast.runtime import compute_dtype, init_runtime  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = {"vit_small": "vit_small_100ep", "vit_base": "vit_base_400ep", "vit_large": "vit_large_250ep"}
@@ -148,7 +148,7 @@ def profile_of(step: Callable[[], float], steps: int, device: torch.device) -> d
 
 def model_only(stepper: Stepper, cfg: MugsConfig, batch: int, args, device: torch.device) -> tuple[dict, dict | None]:
     """(a): random crops already on the device, in the loader's dtype (bf16 on a GPU)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype(cfg.precision, device)
     step = on_batch(stepper, synthetic_batch(cfg, batch, device, dtype))
     seconds, _ = time_steps(step, args.warmup, args.steps, device)
     result = {"model_only_img_s": args.steps * batch / seconds, "step_ms": 1e3 * seconds / args.steps}

@@ -31,7 +31,7 @@ import torch
 from mugs_fast import files
 from mugs_fast.config import MugsConfig
 from mugs_fast.memory import FeatureMemory, FeatureQueue
-from mugs_fast.mugs import Mugs, unwrap
+from mugs_fast.mugs import Mugs
 from mugs_fast.runtime import Runtime
 from mugs_fast.vit import MugsViT, build_backbone
 
@@ -133,7 +133,7 @@ def release_entries(model: Mugs) -> dict[str, dict[str, torch.Tensor]]:
     `module.`, as the release's DDP student), `teacher`, `student_mem`, `teacher_mem`, `instance-sup.`,
     `local-group-sup.` and `group-sup.` (entries of switched-off supervisions are left out)."""
     state = {
-        "student": {f"module.{k}": v for k, v in unwrap(model.student).state_dict().items()},
+        "student": {f"module.{k}": v for k, v in model.student.state_dict().items()},
         "teacher": model.teacher.state_dict(),
     }
     if model.student_memory is not None:
@@ -151,7 +151,7 @@ def release_entries(model: Mugs) -> dict[str, dict[str, torch.Tensor]]:
 def load_release_entries(model: Mugs, state: dict[str, dict[str, torch.Tensor]]) -> None:
     """Loads `release_entries()` (ours or the release's) strictly; `module.` prefixes are optional."""
     student = {k.removeprefix("module."): v for k, v in state["student"].items()}
-    unwrap(model.student).load_state_dict(student)
+    model.student.load_state_dict(student)
     model.teacher.load_state_dict(state["teacher"])
     with torch.no_grad():
         if model.student_memory is not None:

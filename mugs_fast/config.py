@@ -1,7 +1,8 @@
 """Options of a Mugs run: one dataclass named after the release's flags, named recipes, a generated parser.
 
-The fields up to `ddpjob` are the release's `main.py` arguments with the release's defaults (spec section 1);
-the fields after them are this project's additions. `recipe(name)` gives the five released runs and `tiny`.
+The fields up to `num_workers` are the release's `main.py` arguments with the release's defaults (spec section
+1), but for those that mean nothing here (`RELEASE_ONLY_FLAGS`: accepted on the command line and dropped with one
+note); the fields after them are this project's additions. `recipe(name)` gives the five released runs and `tiny`.
 Every config is checked when it is built (`FIELD_CHECKS`, `config_problem`): a bad value is a ValueError that
 names its flag, and a one-line usage error (exit status 2) on the command line.
 """
@@ -14,6 +15,7 @@ import math
 import numbers
 import os
 import shlex
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,6 @@ class MugsConfig:
     arch: str = _opt("vit_small", "backbone", ARCH_CHOICES)
     patch_size: int = _opt(16, "patch size of the ViT")
     momentum_teacher: float = _opt(0.996, "base EMA momentum of the teacher (cosine schedule to 1)")
-    use_fp16: bool = _opt(False, "the release's fp16 switch; only false is supported, see --precision")
     weight_decay: float = _opt(0.04, "start of the cosine weight-decay schedule")
     weight_decay_end: float = _opt(0.2, "end of the cosine weight-decay schedule")
     clip_grad: float = _opt(3.0, "per-tensor gradient-norm clip (0 disables; /10 for vit_large after epoch 100)")
@@ -74,7 +75,6 @@ class MugsConfig:
     timm_auto_augment_par: str = _opt("rand-m9-mstd0.5-inc1", "RandAugment policy of the strong augmentation")
     color_aug: bool = _opt(False, "extra colour jitter in the strong augmentation")
     size_crops: tuple[int, ...] = _opt((96,), "local crop size in pixels (one size)")
-    strong_ratio: float = _opt(0.45, "RandAugment translate_const ratio (no effect with the inc1 policy)")
     re_prob: float = _opt(0.25, "RandomErasing probability of the strong augmentation")
     vanilla_weak_augmentation: bool = _opt(False, "student global crops are copies of the teacher's (DINO-like)")
     prob: float = _opt(0.5, "a student crop is strong with probability 1 - prob")
@@ -83,13 +83,6 @@ class MugsConfig:
     saveckp_freq: int = _opt(50, "keep a numbered checkpoint every this many epochs")
     seed: int = _opt(0, "random seed (the same on every rank)")
     num_workers: int = _opt(12, "data-loading worker threads per process")
-    dist_url: str = _opt("env://", "accepted for the release's command lines; torchrun's environment is used")
-    local_rank: int = _opt(0, "accepted for the release's command lines; set from the environment")
-    rank: int = _opt(0, "accepted for the release's command lines; set from the environment")
-    world_size: int = _opt(1, "accepted for the release's command lines; set from the environment")
-    use_prefetcher: bool = _opt(True, "accepted for the release's command lines; normalisation is always on GPU")
-    debug: bool = _opt(False, "accepted for the release's command lines; no effect")
-    ddpjob: bool = _opt(False, "accepted for the release's command lines; no effect")
     # ---- this project's additions ----
     recipe: str = _opt("", "name of the recipe this config started from (informational)")
     precision: str = _opt(
@@ -142,8 +135,10 @@ class MugsConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MugsConfig":
-        """Inverse of `to_dict`; fields missing from `d` take their defaults, unknown keys are an error."""
-        return cls().replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """Inverse of `to_dict`; fields missing from `d` take their defaults, unknown keys are an error (but
+        `RELEASE_ONLY_FLAGS`, which configs saved by earlier versions hold: dropped)."""
+        kept = {k: v for k, v in d.items() if k not in RELEASE_ONLY_FLAGS}
+        return cls().replace(**{k: tuple(v) if isinstance(v, list) else v for k, v in kept.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -179,6 +174,11 @@ def _one_of(choices: tuple) -> Check:
     return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
 
 
+def _only(value: Any, what: str) -> Check:
+    """An option of the release whose other values the loaders do not implement: refused, not ignored."""
+    return lambda v: None if v == value else f"the loaders implement only {_shown(value)} ({what})"
+
+
 def _one(check: Check) -> Check:
     """A tuple field that takes exactly one value (nargs="+" for the release's command lines)."""
     return lambda v: f"takes one value, got {len(v)}" if len(v) != 1 else check(v[0])
@@ -198,17 +198,12 @@ def _recipe(v: str) -> str | None:
     return None if v == "" or v in RECIPES else f"must be empty or one of {', '.join(RECIPES)}"
 
 
-def _release_fp16(v: bool) -> str | None:
-    return "is not supported: use --precision bf16 (default) or fp32" if v else None
-
-
 # One entry per field: a new field needs one (a test checks); the relations between fields are in
 # `_relation_problem`. Each field's type is checked first (`_type_problem`).
 FIELD_CHECKS: dict[str, Check] = {
     "arch": _one_of(ARCH_CHOICES),
     "patch_size": _at_least(1),
     "momentum_teacher": _between(0, 1),
-    "use_fp16": _release_fp16,
     "weight_decay": _at_least(0),
     "weight_decay_end": _at_least(0),
     "clip_grad": _at_least(0),  # 0 disables clipping
@@ -241,26 +236,17 @@ FIELD_CHECKS: dict[str, Check] = {
     "global_crops_scale": _scale,
     "local_crops_number": _at_least(0),
     "local_crops_scale": _scale,
-    "timm_auto_augment_par": _anything,  # the DALI loader refuses all but the release's (engine start-up)
-    "color_aug": _anything,
+    "timm_auto_augment_par": _only("rand-m9-mstd0.5-inc1", "the release's RandAugment policy"),
+    "color_aug": _only(False, "the release's default"),
     "size_crops": _one(_at_least(1)),
-    "strong_ratio": _between(0, 1),
     "re_prob": _between(0, 1),
-    "vanilla_weak_augmentation": _anything,
+    "vanilla_weak_augmentation": _only(False, "the release's default"),
     "prob": _between(0, 1),
     "data_path": _anything,  # files are checked when the run starts (exit status 1)
     "output_dir": lambda v: None if v else "must not be empty",
     "saveckp_freq": _at_least(0),  # 0: no numbered copies
     "seed": _between(0, 2**32 - 1),  # numpy's global seed
     "num_workers": _at_least(1),
-    # accepted for the release's command lines, without effect: any value of the type
-    "dist_url": _anything,
-    "local_rank": _anything,
-    "rank": _anything,
-    "world_size": _anything,
-    "use_prefetcher": _anything,
-    "debug": _anything,
-    "ddpjob": _anything,
     # this project's additions
     "recipe": _recipe,
     "precision": _one_of(PRECISION_CHOICES),
@@ -444,6 +430,21 @@ def bool_flag(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean value {s!r} (use true or false)")
 
 
+# The release's flags that mean nothing here: its command lines keep working, the parser accepts these (with
+# the release's types) and drops them with one note; they are not fields of MugsConfig.
+RELEASE_ONLY_FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "dist_url": (str, "the process group is set up from torchrun's environment"),
+    "local_rank": (int, "set from the environment (LOCAL_RANK)"),
+    "rank": (int, "set from the environment (RANK)"),
+    "world_size": (int, "set from the environment (WORLD_SIZE)"),
+    "use_prefetcher": (bool_flag, "normalisation always runs on the device"),
+    "debug": (bool_flag, "the release's own debugging switch"),
+    "ddpjob": (bool_flag, "the release's cluster-launcher switch"),
+    "strong_ratio": (float, "read only by RandAugment policies other than the release's inc1, the one implemented"),
+    "use_fp16": (bool_flag, "mixed precision is --precision (bf16 by default): true is refused"),
+}
+
+
 def _argparse_kwargs(f: dataclasses.Field, default: Any) -> dict[str, Any]:
     hint = typing.get_type_hints(MugsConfig)[f.name]
     kwargs: dict[str, Any] = {"default": default, "help": f"{f.metadata['help']} (default: {default})"}
@@ -470,7 +471,8 @@ _ALIASES = {"local_rank": ("--local-rank",)}
 
 
 def build_parser(base: MugsConfig | None = None) -> argparse.ArgumentParser:
-    """Command-line parser with one `--field` per config field (defaults from `base`) plus `--recipe`."""
+    """Command-line parser with one `--field` per config field (defaults from `base`), `--recipe`, and the
+    `RELEASE_ONLY_FLAGS` (no default: present in the parsed namespace only when given)."""
     base = base or MugsConfig()
     parser = _OneLineErrors("mugs", allow_abbrev=False, description="Mugs self-supervised pretraining")
     parser.add_argument(
@@ -483,6 +485,9 @@ def build_parser(base: MugsConfig | None = None) -> argparse.ArgumentParser:
         if f.name != "recipe":
             flags = (f"--{f.name}", *_ALIASES.get(f.name, ()))
             parser.add_argument(*flags, **_argparse_kwargs(f, getattr(base, f.name)))
+    for name, (kind, why) in RELEASE_ONLY_FLAGS.items():
+        flags = (f"--{name}", *_ALIASES.get(name, ()))
+        parser.add_argument(*flags, type=kind, default=argparse.SUPPRESS, help=f"the release's; no effect: {why}")
     return parser
 
 
@@ -499,6 +504,12 @@ def parse_config(argv: list[str] | None = None) -> MugsConfig:
     parser = build_parser(base)
     args = vars(parser.parse_args(argv))
     args["recipe"] = args["recipe"] or ""
+    dropped = {name: args.pop(name) for name in RELEASE_ONLY_FLAGS if name in args}
+    if dropped.get("use_fp16"):
+        parser.error("--use_fp16 true: is not supported: use --precision bf16 (default) or fp32")
+    if dropped and int(os.environ.get("RANK", 0)) == 0:
+        names = ", ".join(f"--{name}" for name in dropped)
+        print(f"mugs: note: {names}: the release's flags without effect here, ignored (see --help)", file=sys.stderr)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     try:
         cfg = MugsConfig(**values)

@@ -7,25 +7,31 @@ with the GPU only at the logging interval, at checkpoints and at evaluations; ho
 
 Re-running the same command resumes from `output_dir/checkpoint.pth` where it stopped, mid-epoch included,
 and continues exactly as if it had not stopped (same batches, augmentations and random numbers).
+
+`main` is the command line (`mugs-train`, `python train.py`, `python -m mugs_fast.engine`). Exit status: 0
+finished or reached --max_steps, 1 error (one line on stderr), 2 usage, 130 / 143 stopped by SIGINT / SIGTERM
+after writing a checkpoint.
 """
 
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from mugs_fast.checkpoint import (
     CHECKPOINT_NAME,
     Checkpointer,
     CheckpointError,
+    CheckpointWriteError,
     load_checkpoint,
     remove_stale_temporaries,
     restore_training_state,
 )
-from mugs_fast.config import MugsConfig, output_dir_problem
+from mugs_fast.config import MugsConfig, output_dir_problem, parse_config
 from mugs_fast.data.beton import BetonError, BetonReader
 from mugs_fast.data.contract import CropSpec, MultiCropSource
 from mugs_fast.knn import DatasetMismatch, check_knn_datasets, evaluate_knn, knn_temperature
@@ -47,7 +53,7 @@ from mugs_fast.runtime import (
 RUN_CONTROL_FIELDS = frozenset(
     {"max_steps", "output_dir", "data_path", "val_path", "log_freq", "checkpoint_minutes", "knn_freq", "compile"}
     | {"linear_eval"}
-    | {"num_workers", "dist_url", "local_rank", "rank", "world_size", "recipe", "collective_timeout_minutes"}
+    | {"num_workers", "recipe", "collective_timeout_minutes"}
 )
 
 
@@ -121,7 +127,7 @@ def _own_run_directory(lock: RunLock, rt: Runtime) -> None:
 
 def check_inputs(cfg: MugsConfig) -> None:
     """Refuses, before anything is built or written, input the run would fail on later: missing or unreadable
-    .beton files, a val set whose labels kNN cannot match to the training set's, unsupported augmentations."""
+    .beton files, a val set whose labels kNN cannot match to the training set's."""
     if cfg.synthetic == bool(cfg.data_path):
         raise TrainError("give either --data_path FILE.beton or --synthetic true")
     if problem := output_dir_problem(cfg.output_dir):
@@ -132,8 +138,6 @@ def check_inputs(cfg: MugsConfig) -> None:
             raise TrainError(f"--{name} {path}: no such file")
     if cfg.val_path and not cfg.data_path:
         raise TrainError("--val_path needs --data_path: the kNN evaluation uses the training set as its memory")
-    if cfg.data_path:
-        _check_augmentation(cfg)
     # the files' contents too, now: a bad --val_path would otherwise surface at the first evaluation, epochs later
     readers = {name: _open_beton(name, getattr(cfg, name)) for name in ("data_path", "val_path") if getattr(cfg, name)}
     if cfg.val_path:
@@ -148,25 +152,6 @@ def _open_beton(flag: str, path: str) -> BetonReader:
         return BetonReader(path)
     except BetonError as e:  # its message starts with the path
         raise TrainError(f"--{flag} {e}") from None
-
-
-def _check_augmentation(cfg: MugsConfig) -> None:
-    """The DALI loader implements the release's augmentation with its default settings: refuse other values
-    rather than ignore them."""
-    from mugs_fast.data.params import ERASE_P, GLOBAL_SCALE, LOCAL_SCALE, STRONG_P
-
-    fixed = dict(
-        global_crops_scale=GLOBAL_SCALE,
-        local_crops_scale=LOCAL_SCALE,
-        prob=1 - STRONG_P,
-        re_prob=ERASE_P,
-        color_aug=False,
-        vanilla_weak_augmentation=False,
-        timm_auto_augment_par="rand-m9-mstd0.5-inc1",
-    )
-    for name, value in fixed.items():
-        if getattr(cfg, name) != value:
-            raise TrainError(f"--{name} {getattr(cfg, name)}: the DALI loader supports only {value} (the release's)")
 
 
 def check_ring_sizes(cfg: MugsConfig, world_size: int) -> None:
@@ -200,7 +185,7 @@ def _train(cfg: MugsConfig, rt: Runtime) -> TrainResult:
     schedules = build_schedules(cfg, len(loader), rt.world_size)
     start = _restore(resume, model, optimizer, loader, rt) if resume else 0
     total = min(cfg.max_steps or len(schedules), len(schedules))
-    _wrap_for_speed(model, cfg, rt)
+    _prepare(model, cfg, rt)
     _announce(cfg, rt, model, len(loader), start, total)
 
     saver = Checkpointer(out, rt, model, optimizer, loader, len(loader), version, cfg.checkpoint_minutes)
@@ -337,14 +322,13 @@ def _evaluate_linear(run: Run, epoch: int, step: int) -> None:
 
 def build_loader(cfg: MugsConfig, rt: Runtime) -> MultiCropSource:
     """The multi-crop loader of this rank: DALI over cfg.data_path, or synthetic crops on the device."""
-    dtype = torch.bfloat16 if (cfg.precision == "bf16" and rt.device.type == "cuda") else torch.float32
     args = dict(
         crops=CropSpec.from_config(cfg),
         device=rt.device,
         seed=cfg.seed,
         rank=rt.rank,
         world_size=rt.world_size,
-        dtype=dtype,
+        dtype=rt.dtype,
     )
     if cfg.synthetic:
         from mugs_fast.data.synthetic import SyntheticLoader
@@ -394,25 +378,11 @@ def _restore(ckpt: dict[str, Any], model: Mugs, optimizer, loader, rt: Runtime) 
         raise TrainError(f"cannot resume: {e}") from None
 
 
-def _wrap_for_speed(model: Mugs, cfg: MugsConfig, rt: Runtime) -> None:
-    """Optionally compiles the transformer blocks, then wraps the student in DDP when distributed.
-
-    BatchNorm in the heads (`--use_bn_in_head`) becomes SyncBatchNorm in both networks under DDP, as in the
-    release (the parameters stay the same objects, so the optimizer and the EMA pairs are unaffected).
-    """
-    if rt.distributed and cfg.use_bn_in_head:
-        if rt.device.type != "cuda":
-            raise TrainError("--use_bn_in_head true with several processes needs SyncBatchNorm, which needs GPUs")
-        model.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.student)
-        model.teacher = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.teacher)
-    if cfg.compile:
-        for network in (model.student, model.teacher):
-            network.backbone.blocks.compile()  # in place: parameter names (and checkpoints) stay the same
-    if rt.distributed:
-        on_gpu = rt.device.type == "cuda"
-        model.student = DistributedDataParallel(
-            model.student, device_ids=[rt.device.index] if on_gpu else None, gradient_as_bucket_view=True
-        )
+def _prepare(model: Mugs, cfg: MugsConfig, rt: Runtime) -> None:
+    """`Mugs.prepare` for this run: DDP (and SyncBatchNorm in the heads) when distributed, --compile."""
+    if rt.distributed and cfg.use_bn_in_head and rt.device.type != "cuda":
+        raise TrainError("--use_bn_in_head true with several processes needs SyncBatchNorm, which needs GPUs")
+    model.prepare(distributed=rt.distributed, compile=cfg.compile)
 
 
 def _announce(cfg: MugsConfig, rt: Runtime, model: Mugs, iters_per_epoch: int, start: int, total: int) -> None:
@@ -427,3 +397,19 @@ def _announce(cfg: MugsConfig, rt: Runtime, model: Mugs, iters_per_epoch: int, s
         f"process(es) ({rt.device.type}); {where}, training to step {total}; run directory {cfg.output_dir}",
         flush=True,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    try:
+        result = train(cfg)
+    except (TrainError, CheckpointWriteError) as e:
+        print(f"mugs-train: error: {e}", file=sys.stderr)
+        return 1
+    if result.stopped_by.startswith("SIG"):
+        return 128 + signal.Signals[result.stopped_by].value
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

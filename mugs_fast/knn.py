@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from mugs_fast.data.beton import BetonError, BetonReader, sidecar_path
 from mugs_fast.distributed import all_gather_cat
+from mugs_fast.runtime import autocast, compute_dtype
 
 DEFAULT_KS = (10, 20, 100, 200)
 
@@ -107,10 +108,10 @@ def extract_features(
     was_training = backbone.training
     backbone.eval()
     device = next(backbone.parameters()).device
-    use_bf16 = precision == "bf16" and device.type == "cuda"
+    dtype = compute_dtype(precision, device)
     features, labels = [], []
     for images, y in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with autocast(dtype, device):
             f = backbone.forward_cls(images)  # (b, D)
         features.append(F.normalize(f.float(), dim=1))
         labels.append(y)

@@ -40,6 +40,7 @@ from mugs_fast.linear_features import (
     state_digest,
 )
 from mugs_fast.linear_sweep import DEFAULT_LRS, DEFAULT_WDS, grid_accuracy, holdout_split, train_grid
+from mugs_fast.runtime import compute_dtype
 from mugs_fast.vit import ARCHS
 
 
@@ -84,13 +85,12 @@ def feature_spec(
     n = min(default_n, len(backbone.blocks)) if n_last_blocks is None else n_last_blocks
     if not 1 <= n <= len(backbone.blocks):
         raise LinearProbeError(f"--n_last_blocks {n}: the backbone has {len(backbone.blocks)} blocks")
-    on_gpu = next(backbone.parameters()).device.type == "cuda"
     return FeatureSpec(
         n_last_blocks=n,
         avgpool_patchtokens=default_avgpool if avgpool is None else avgpool,
         crop_size=backbone.patch_embed.img_size[0],
         flip=flip,
-        dtype="bfloat16" if precision == "bf16" and on_gpu else "float32",
+        dtype=str(compute_dtype(precision, next(backbone.parameters()).device)).removeprefix("torch."),
     )
 
 

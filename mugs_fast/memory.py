@@ -10,6 +10,7 @@ from torch import nn
 
 import kernels
 from mugs_fast.distributed import all_gather_cat
+from mugs_fast.runtime import compute_dtype
 
 
 def _ring_positions(ptr: torch.Tensor, n: int, size: int) -> torch.Tensor:
@@ -49,18 +50,18 @@ class FeatureMemory(nn.Module):
 
     Starts as unnormalised randn noise, as in the release, which also stores one set of rows where the release
     keeps three copies (queue_q/k/v, equal after any write; only their initial noise differs; checkpoint.py
-    writes and reads that layout). Beside the fp32 rows lives a derived, L2-normalised shadow (bf16 on CUDA when
-    `low_precision`, else fp32) that `retrieve` searches; writes update the shadow rows they write, so no search
-    re-normalises the memory.
+    writes and reads that layout). Beside the fp32 rows lives a derived, L2-normalised shadow that `retrieve`
+    searches, in the `precision` policy's dtype (`runtime.compute_dtype`: bf16 on CUDA for "bf16", else fp32);
+    writes update the shadow rows they write, so no search re-normalises the memory.
 
     The pointer advances by the number of rows written (a correct FIFO), or, with `official_pointer`, by twice
     that unless the write wraps around (the release's behaviour, spec 4.3).
     """
 
-    def __init__(self, size: int, dim: int, *, official_pointer: bool = False, low_precision: bool = True) -> None:
+    def __init__(self, size: int, dim: int, *, official_pointer: bool = False, precision: str = "bf16") -> None:
         super().__init__()
         self.official_pointer = official_pointer
-        self.low_precision = low_precision
+        self.precision = precision
         self.register_buffer("features", torch.randn(size, dim))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
         self._shadow: torch.Tensor | None = None
@@ -72,7 +73,7 @@ class FeatureMemory(nn.Module):
     def shadow(self) -> torch.Tensor:
         """The normalised search copy (size, dim), rebuilt if missing or on another device."""
         f = self.features
-        dtype = torch.bfloat16 if (self.low_precision and f.is_cuda) else torch.float32
+        dtype = compute_dtype(self.precision, f.device)
         if self._shadow is None or self._shadow.device != f.device or self._shadow.dtype != dtype:
             self._shadow = F.normalize(f.float(), dim=1).to(dtype)
         return self._shadow

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from mugs_fast.mugs import Mugs, unwrap
+from mugs_fast.mugs import Mugs
 
 SIGNALS = ("embedding_std", "group_entropy", "group_row_entropy", "group_agreement")
 # Collapsed when a signal divided by its healthy scale (`collapse_scales`) is below (<) or above (>) the value:
@@ -92,7 +92,7 @@ class CollapseMonitor:
     """
 
     def __init__(self, model: Mugs) -> None:
-        """Hooks `model.teacher` and the plain module of `model.student`: build it after any DDP wrapping."""
+        """Hooks `model.teacher` and `model.student` (the plain networks, also under DDP)."""
         cfg = model.cfg
         self.model = model
         self.scales = collapse_scales(cfg.instance_out_dim, cfg.group_out_dim, 2 * cfg.batch_size_per_gpu)
@@ -102,7 +102,7 @@ class CollapseMonitor:
         self._values: dict[str, torch.Tensor] = {}
         self._hooks = [
             model.teacher.register_forward_hook(self._on_teacher),
-            unwrap(model.student).register_forward_hook(self._on_student),
+            model.student.register_forward_hook(self._on_student),
         ]
 
     def arm(self, teacher_temp: float) -> None:

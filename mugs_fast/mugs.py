@@ -6,10 +6,9 @@ Nothing in it synchronises the host with the GPU; `Mugs.nonfinite_report()` is t
 trainer's logging interval.
 """
 
-import contextlib
-
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from mugs_fast.config import MugsConfig
 from mugs_fast.heads import GroupHead, ProjectionHead
@@ -23,20 +22,10 @@ from mugs_fast.optim import (
     clip_threshold,
     ema_update,
 )
+from mugs_fast.runtime import autocast, compute_dtype
 from mugs_fast.vit import ARCHS, build_backbone
 
 LOSS_NAMES = ("instance-sup.", "local-group-sup.", "group-sup.")  # the release's log names, in weight order
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        elif isinstance(getattr(module, "module", None), nn.Module):
-            module = module.module
-        else:
-            return module
 
 
 class MugsNetwork(nn.Module):
@@ -110,8 +99,9 @@ class MugsNetwork(nn.Module):
 class Mugs(nn.Module):
     """The whole Mugs state: `student` and `teacher` networks, memories, queues and the group-loss centre.
 
-    A supervision with weight 0 has no head, queue, memory (or relation block) at all. The trainer may replace
-    `model.student` with a DDP (and/or torch.compile) wrapper of itself; everything here unwraps it as needed.
+    A supervision with weight 0 has no head, queue, memory (or relation block) at all. `student` and `teacher`
+    are always the plain networks (parameters, hooks, checkpoints); `prepare()` readies them for a run, and the
+    student's forward then goes through its DistributedDataParallel wrapper when there is one.
     `state_dict()` holds everything; `checkpoint.release_entries()` gives the release's checkpoint layout.
     """
 
@@ -127,7 +117,7 @@ class Mugs(nn.Module):
 
         dim = ARCHS[cfg.arch][0]
         lg = cfg.use_local_group
-        memory = dict(official_pointer=cfg.official_memory_pointer, low_precision=cfg.precision == "bf16")
+        memory = dict(official_pointer=cfg.official_memory_pointer, precision=cfg.precision)
         self.student_memory = FeatureMemory(cfg.local_group_queue_size, dim, **memory) if lg else None
         self.teacher_memory = FeatureMemory(cfg.local_group_queue_size, dim, **memory) if lg else None
         self.instance_queue = FeatureQueue(cfg.instance_queue_size, cfg.instance_out_dim) if cfg.use_instance else None
@@ -140,6 +130,32 @@ class Mugs(nn.Module):
         self.register_buffer("nonfinite_step", torch.full((1,), -1, dtype=torch.long), persistent=False)
         self.register_buffer("nonfinite_flags", torch.zeros(len(LOSS_NAMES) + 1, dtype=torch.bool), persistent=False)
         self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._student_ddp: DistributedDataParallel | None = None  # the student's forward when distributed
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "_student_ddp":  # outside the module tree: the wrapper holds the student's own parameters
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def prepare(self, *, distributed: bool = False, compile: bool = False) -> None:
+        """Readies both networks for a run, in place; call it after `.to(device)` and any restore.
+
+        distributed: BatchNorm in the heads becomes SyncBatchNorm in both networks (as in the release), and the
+        student's forward goes through DistributedDataParallel (device_ids from the student's device).
+        compile: the transformer blocks of both networks are compiled in place (parameter names stay the same).
+        The parameters stay the same objects, so an optimizer built before and the EMA pairs are unaffected.
+        """
+        if distributed and self.cfg.use_bn_in_head:
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        if compile:
+            for network in (self.student, self.teacher):
+                network.backbone.blocks.compile()
+        if distributed:
+            device = next(self.student.parameters()).device
+            ids = [device.index] if device.type == "cuda" else None
+            self._student_ddp = DistributedDataParallel(self.student, device_ids=ids, gradient_as_bucket_view=True)
 
     # ---- forward and losses ----
 
@@ -151,7 +167,8 @@ class Mugs(nn.Module):
     def forward_student(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Student crops (2B, 3, G, G) and (L*B, 3, l, l) -> student outputs; queries the student memory."""
         crops = [global_crops] if local_crops is None or local_crops.numel() == 0 else [global_crops, local_crops]
-        return self.student(crops, self.student_memory)
+        student = self.student if self._student_ddp is None else self._student_ddp
+        return student(crops, self.student_memory)
 
     def losses(
         self, s: dict[str, torch.Tensor], t: dict[str, torch.Tensor], teacher_temp: float
@@ -198,7 +215,7 @@ class Mugs(nn.Module):
         """(teacher params, matching student params) by name: backbone (relation block included), projectors,
         group head; the student predictors have no teacher copy. Cached after the first call."""
         if self._ema_pairs is None:
-            student = dict(unwrap(self.student).named_parameters())
+            student = dict(self.student.named_parameters())
             names, teacher = zip(*self.teacher.named_parameters(), strict=True)
             self._ema_pairs = (list(teacher), [student[n] for n in names])
         return self._ema_pairs
@@ -225,13 +242,6 @@ class Mugs(nn.Module):
         return f"non-finite loss at step {step}: {', '.join(names)}"
 
 
-def autocast(cfg: MugsConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA when cfg.precision == 'bf16'; otherwise (fp32, or any CPU run) no autocast."""
-    if cfg.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_step(
     model: Mugs, optimizer: torch.optim.Optimizer, schedules: Schedules, batch: dict[str, torch.Tensor], step: int
 ) -> dict[str, torch.Tensor | float]:
@@ -249,7 +259,8 @@ def train_step(
     momentum, teacher_temp = float(schedules.momentum[step]), float(schedules.teacher_temp[step])
 
     # forward: teacher under no_grad, then student; one backbone call per crop resolution
-    with autocast(cfg, batch["teacher"].device):
+    device = batch["teacher"].device
+    with autocast(compute_dtype(cfg.precision, device), device):
         t_out = model.forward_teacher(batch["teacher"])
         s_out = model.forward_student(batch["student_global"], batch.get("student_local"))
     losses = model.losses(s_out, t_out, teacher_temp)
@@ -260,7 +271,7 @@ def train_step(
     model.update_buffers(s_out, t_out, batch["weak"])  # weak-only writes masked on the GPU (release: nonzero, a sync)
 
     # update: per-tensor clipping, then the last-layer freeze, the optimizer and the EMA teacher
-    student = unwrap(model.student)
+    student = model.student
     if cfg.clip_grad:  # foreach norms and scales on the GPU (the release reads each norm with .item(), a sync)
         clip_gradients(student.parameters(), clip_threshold(cfg, epoch))
     if epoch < cfg.freeze_last_layer:

@@ -34,15 +34,28 @@ import torch.distributed as dist
 from mugs_fast.config import MugsConfig
 
 
+def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The project's one precision policy: "bf16" (the default) computes in bf16 on CUDA only; CPU runs and
+    "fp32" compute in fp32. Buffers, losses and optimiser state are fp32 either way."""
+    return torch.bfloat16 if precision == "bf16" and torch.device(device).type == "cuda" else torch.float32
+
+
+def autocast(dtype: torch.dtype, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device` when the policy's `dtype` is bf16; no autocast for fp32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
 @dataclass
 class Runtime:
-    """rank / world_size / local_rank of this process, its device, and the gloo group for host-side votes."""
+    """rank / world_size / local_rank of this process, its device and compute dtype (`compute_dtype`), and the
+    gloo group for host-side votes."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     control: object = None  # gloo ProcessGroup when distributed
+    dtype: torch.dtype = torch.float32  # what the step and the loaders compute in
     loader_threads: int = 1  # CPU threads of the data loaders (DALI)
     previous_torch_threads: int = 0  # torch's intra-op threads before this run (restored by `shutdown`)
 
@@ -97,7 +110,8 @@ def init_runtime(cfg: MugsConfig) -> Runtime:
         dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
         control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
     seed_everything(cfg.seed)
-    rt = Runtime(rank, world_size, local_rank, device, control, previous_torch_threads=torch.get_num_threads())
+    rt = Runtime(rank, world_size, local_rank, device, control, compute_dtype(cfg.precision, device))
+    rt.previous_torch_threads = torch.get_num_threads()
     rt.loader_threads = cfg.num_workers
     if device.type == "cpu":
         rt.loader_threads, torch_threads = cpu_threads(0 if cfg.synthetic else cfg.num_workers)

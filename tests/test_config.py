@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-import train as train_cli
 from mugs_fast import config
+from mugs_fast import engine as train_cli
 from mugs_fast.config import FIELD_CHECKS, RECIPES, MugsConfig, build_parser, parse_config, recipe
 
 
 def test_defaults_are_the_releases():
     c = MugsConfig()
-    assert (c.arch, c.patch_size, c.momentum_teacher, c.use_fp16) == ("vit_small", 16, 0.996, False)
+    assert (c.arch, c.patch_size, c.momentum_teacher) == ("vit_small", 16, 0.996)
     assert (c.weight_decay, c.weight_decay_end, c.clip_grad, c.batch_size_per_gpu) == (0.04, 0.2, 3.0, 64)
     assert (c.epochs, c.warmup_epochs, c.freeze_last_layer, c.lr, c.min_lr) == (100, 10, 1, 0.0008, 1e-6)
     assert (c.patch_embed_lr_mult, c.optimizer, c.drop_path_rate, c.loss_weights) == (0.2, "adamw", 0.1, (1, 1, 1))
@@ -96,12 +96,27 @@ def test_parse_recipe_then_explicit_flags():
     assert parse_config([]) == MugsConfig()
 
 
-def test_parse_release_command_line():
+def test_parse_release_command_line(capsys):
     # flags as the release's pretraining.sh and torch.distributed.launch pass them
     argv = "--local_rank=3 --arch vit_small --use_fp16 false --dist_url env:// --use_prefetcher True".split()
     cfg = parse_config(argv + ["--data_path", "/data/train", "--group_bottleneck_dim", "256"])
-    assert cfg.local_rank == 3 and cfg.use_fp16 is False and cfg.data_path == "/data/train"
-    assert parse_config(["--local-rank=2"]).local_rank == 2  # torch.distributed.launch's spelling since torch 2.0
+    assert cfg.data_path == "/data/train" and cfg.group_bottleneck_dim == 256
+    assert cfg == MugsConfig(data_path="/data/train")  # the release-only flags are dropped
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "note: --dist_url, --local_rank, --use_prefetcher, --use_fp16:" in err[0]
+    assert parse_config(["--local-rank=2"]) == MugsConfig()  # torch.distributed.launch's spelling since torch 2.0
+    assert "--local_rank" in capsys.readouterr().err
+    parse_config(["--lr", "0.001"])
+    assert capsys.readouterr().err == ""  # no note without such a flag
+
+
+def test_release_only_flags_are_no_fields_and_old_configs_load():
+    fields = {f.name for f in dataclasses.fields(MugsConfig)}
+    assert not fields & set(config.RELEASE_ONLY_FLAGS)
+    saved = {**MugsConfig().to_dict(), "dist_url": "env://", "local_rank": 0, "use_fp16": False, "strong_ratio": 0.45}
+    assert MugsConfig.from_dict(saved) == MugsConfig()  # a config.json of an earlier version
+    with pytest.raises(ValueError, match="unknown config field"):
+        MugsConfig().replace(use_fp16=False)  # the Python API has no such field
 
 
 @pytest.mark.parametrize(
@@ -150,7 +165,6 @@ BAD_VALUES = [
     (dict(patch_size=0), "patch_size"),
     (dict(momentum_teacher=1.01), "momentum_teacher"),
     (dict(momentum_teacher=-0.1), "momentum_teacher"),
-    (dict(use_fp16=True), "use_fp16"),
     (dict(weight_decay=-0.04), "weight_decay"),
     (dict(weight_decay_end=-0.2), "weight_decay_end"),
     (dict(clip_grad=-3.0), "clip_grad"),
@@ -188,7 +202,9 @@ BAD_VALUES = [
     (dict(local_crops_scale=(0.05, 1.5)), "local_crops_scale"),
     (dict(size_crops=(0,)), "size_crops"),
     (dict(size_crops=(96, 64)), "size_crops"),
-    (dict(strong_ratio=-0.45), "strong_ratio"),
+    (dict(color_aug=True), "color_aug"),
+    (dict(vanilla_weak_augmentation=True), "vanilla_weak_augmentation"),
+    (dict(timm_auto_augment_par="rand-m9-mstd0.5"), "timm_auto_augment_par"),
     (dict(re_prob=1.25), "re_prob"),
     (dict(prob=-0.5), "prob"),
     (dict(output_dir=""), "output_dir"),

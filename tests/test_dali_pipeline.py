@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mugs_fast.data import params
+from mugs_fast.data.contract import CropSpec
 from mugs_fast.data.dali_pipeline import SOURCE_FIELDS, multicrop_pipeline, no_origin_tracing, source_batch
 from mugs_fast.data.randaugment import KIND_OPS
 
@@ -14,7 +15,7 @@ B, L = 3, 5
 def batch() -> dict:
     rng = np.random.default_rng(0)
     shapes = np.array([[40, 61], [57, 33], [45, 45]])
-    plan = params.sample_plan(rng, shapes[:, 0], shapes[:, 1], L, 32, 16)
+    plan = params.sample_plan(rng, shapes[:, 0], shapes[:, 1], CropSpec(L, 32, 16))
     jpegs = [np.full(n, i, np.uint8) for i, n in enumerate((11, 7, 9))]
     fields = source_batch(jpegs, shapes, plan, tag=5)
     return {"plan": plan, "jpegs": jpegs, **dict(zip(SOURCE_FIELDS, fields, strict=True))}

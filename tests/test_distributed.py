@@ -7,10 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from mugs_testing import make_batch, small_cfg
-from torch.nn.parallel import DistributedDataParallel
 
 from mugs_fast.distributed import all_gather_cat, all_reduce_mean, get_rank, get_world_size
-from mugs_fast.mugs import Mugs, train_step, unwrap
+from mugs_fast.mugs import Mugs, train_step
 from mugs_fast.optim import build_optimizer, build_schedules
 
 GLOBAL_BATCH = 6
@@ -32,9 +31,8 @@ def _train(rank: int, world: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     cfg = small_cfg(drop_path_rate=0.0, warmup_epochs=0, batch_size_per_gpu=GLOBAL_BATCH // world)
     model = Mugs(cfg)
-    if world > 1:
-        model.student = DistributedDataParallel(model.student)
-    opt = build_optimizer(cfg, unwrap(model.student))
+    model.prepare(distributed=world > 1)
+    opt = build_optimizer(cfg, model.student)
     sched = build_schedules(cfg, iters_per_epoch=3, world_size=world)
     for step in range(STEPS):
         batch = make_batch(cfg, batch=GLOBAL_BATCH, seed=step)

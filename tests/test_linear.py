@@ -4,6 +4,7 @@ one classifier at a time, the held-out split, the cache, the backbone files it r
 import argparse
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -383,6 +384,22 @@ def test_augmented_loader_draws_the_same_strong_crops_for_the_same_seed_and_epoc
     assert len(epochs[0]) == 5 and epochs[0][0][0].shape == (8, 3, 32, 32)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epochs[0], epochs[1], strict=True))
     assert not torch.equal(epochs[0][0][0], epochs[2][0][0])
+
+
+def test_augmented_loader_replaces_names_and_counts_undecodable_samples(tmp_path):
+    from mugs_fast.data.linear_loader import AugmentedLoader
+
+    path = write_beton(tmp_path / "damaged.beton", 16, corrupt={3: b"not a jpeg", 11: b"\xff\xd8 cut short"})
+    loader = AugmentedLoader(path, 8, size=32, device="cpu", seed=0, num_threads=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    named = sorted(int(str(w.message).split("sample ")[1].split()[0]) for w in caught)
+    assert named == [3, 11] and sorted(loader.corrupt_samples) == [3, 11] and loader.num_replaced == 2
+    assert sum(len(y) for _, y in batches) == 16 and loader.state_dict()["corrupt"].keys() == {3, 11}
+    every_one_bad = write_beton(tmp_path / "all_bad.beton", 4, corrupt=dict.fromkeys(range(4), b"not a jpeg"))
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="found no decodable sample"):
+        list(AugmentedLoader(every_one_bad, 4, size=32, device="cpu", seed=0, num_threads=1))
 
 
 def test_release_learning_rates_and_batches_follow_the_recipes():

@@ -22,6 +22,7 @@ from data_prep.synth import render
 from mugs_fast.data import MultiCropLoader, dali_pipeline
 from mugs_fast.data import loader as loader_module
 from mugs_fast.data.beton import BetonError
+from mugs_fast.data.contract import CropSpec
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 from mugs_fast.data.params import plan_rng, sample_plan
 from mugs_fast.data.sampler import EpochSampler
@@ -111,6 +112,16 @@ def test_strong_and_weak_proportions_and_flags(epochs):
     teacher = unnormalise(torch.cat([b["teacher"] for b in epochs]))
     gray = (teacher.amax(1) - teacher.amin(1)).flatten(1).amax(1) < 1e-4
     assert abs(gray.float().mean() - 0.2) < 4 * 0.4 / (2 * n) ** 0.5
+
+
+@pytest.mark.parametrize("strong_p", [0.0, 1.0])
+def test_the_crop_specs_augmentation_values_are_used(small_beton, strong_p):
+    # CropSpec.strong_p (from --prob) and erase_p (--re_prob) reach the plan the loader draws
+    crops = CropSpec(2, global_size=32, local_size=16, strong_p=strong_p, erase_p=1.0)
+    batch = next(iter(MultiCropLoader(small_beton, B, crops=crops, device="cpu", seed=7)))
+    assert (batch["weak"] == (strong_p == 0)).all() and (batch["strong_local"] == (strong_p == 1)).all()
+    v = unnormalise(batch["student_local"])
+    assert ((v < -0.05) | (v > 1.05)).flatten(1).any(1).all() == (strong_p == 1)  # p = 1: every strong crop erased
 
 
 def test_shards_of_ranks_are_disjoint_and_equal(small_beton):
@@ -306,7 +317,7 @@ def test_gpu_strong_crops_match_the_cpu_ones(small_beton, dali_loader, epochs):
     strong_diffs = []
     for i, (g, c) in enumerate(zip(gpu, epochs[:8], strict=True)):
         index = c["index"].numpy()
-        plan = sample_plan(plan_rng(seed, 0, 0, i), reader.heights[index], reader.widths[index], L, 32, 16)
+        plan = sample_plan(plan_rng(seed, 0, 0, i), reader.heights[index], reader.widths[index], small_crops(L))
         for key, rows, size in (("student_global", slice(2, 4), 32), ("student_local", slice(4, None), 16)):
             kept = ~erase_mask(plan.erase[rows], size)  # (k * B, S, S)
             diff = (g[key].cpu() - c[key]).abs().movedim(1, -1)  # (k * B, S, S, 3)

@@ -6,6 +6,7 @@ import torch
 import torchvision.transforms.functional as F
 
 from mugs_fast.data import params
+from mugs_fast.data.contract import CropSpec
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, CropFinisher, finish_arrays, to_device
 
 B, L = 4000, 10
@@ -15,7 +16,7 @@ B, L = 4000, 10
 def plan():
     rng = np.random.default_rng(0)
     heights, widths = rng.integers(60, 500, B), rng.integers(60, 500, B)
-    return params.sample_plan(rng, heights, widths, L, 224, 96), heights, widths
+    return params.sample_plan(rng, heights, widths, CropSpec(L, 224, 96)), heights, widths
 
 
 def near(value, p, n, sigmas=4.0):
@@ -97,7 +98,7 @@ def test_colour_affine_is_torchvision_colour_jitter_and_grayscale():
 def test_finish_crops_normalises_solarises_and_erases():
     rng = np.random.default_rng(2)
     k, b, size = 2, 3, 7
-    plan = params.sample_plan(rng, np.full(b, 50), np.full(b, 50), 0, size, size)
+    plan = params.sample_plan(rng, np.full(b, 50), np.full(b, 50), CropSpec(0, size, size))
     plan.colour[:] = np.eye(3, dtype=np.float32)
     plan.contrast_shift[:] = 0
     plan.solarize[:] = False
@@ -160,3 +161,20 @@ def test_to_device_makes_one_non_blocking_copy_from_pinned_memory(monkeypatch):
     assert calls == [("pin_memory", total), ("to", (torch.device("cuda", 0),), {"non_blocking": True})]
     for name, a in arrays.items():
         assert torch.equal(out[name], torch.from_numpy(a)), name
+
+
+def test_the_configs_augmentation_values_reach_the_plan():
+    # --global_crops_scale, --local_crops_scale, --prob and --re_prob, through CropSpec as the loaders build it
+    from mugs_fast.config import recipe
+
+    cfg = recipe("tiny", global_crops_scale=(0.81, 0.9), local_crops_scale=(0.3, 0.4), prob=0.2, re_prob=1.0)
+    spec = CropSpec.from_config(cfg)
+    assert (spec.global_scale, spec.local_scale, spec.strong_p, spec.erase_p) == ((0.81, 0.9), (0.3, 0.4), 0.8, 1.0)
+    b, size = 2000, 400
+    plan = params.sample_plan(np.random.default_rng(0), np.full(b, size), np.full(b, size), spec)
+    y0, x0, y1, x1 = np.moveaxis(plan.roi, -1, 0)
+    area = (y1 - y0) * np.abs(x1 - x0) / size**2
+    assert ((area[:4] > 0.79) & (area[:4] < 0.92)).mean() > 0.97  # rounding; rare fallbacks are centre crops
+    assert ((area[4:] > 0.29) & (area[4:] < 0.41)).mean() > 0.97
+    assert near(plan.strong[2], 0.8, b) and near(plan.strong[4:], 0.8, b * spec.local_crops_number)
+    assert ((plan.erase[..., 2] > 0) == plan.strong).mean() > 0.99  # p = 1: every strong crop (a box fits)

@@ -15,8 +15,8 @@ import torch
 from _fixtures import write_beton
 from mugs_testing import small_cfg
 
-import train as train_cli
 from mugs_fast import checkpoint
+from mugs_fast import engine as train_cli
 from mugs_fast.checkpoint import load_checkpoint
 from mugs_fast.config import MugsConfig
 from mugs_fast.engine import build_model, train

@@ -16,20 +16,26 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from mugs_fast.data.params import ERASE_P, GLOBAL_SCALE, LOCAL_SCALE, STRONG_P
 from mugs_fast.data.replacement import Replacements
 from mugs_fast.data.sampler import EpochSampler
 
 
 @dataclass(frozen=True)
 class CropSpec:
-    """Mugs' multi-crop shapes: 4 global crops of global_size px and local_crops_number local crops of local_size px.
-
-    224 / 96 px and 10 local crops in Mugs; smaller ones for tests and demos.
+    """Mugs' multi-crop shapes and the augmentation's free parameters: 4 global crops of global_size px and
+    local_crops_number local crops of local_size px (224 / 96 px and 10 local crops in Mugs; smaller ones for
+    tests and demos); the RandomResizedCrop area ranges of both, the probability that a student crop is strong,
+    and the probability of RandomErasing on a strong crop. Defaults: the release's.
     """
 
     local_crops_number: int = 10
     global_size: int = 224
     local_size: int = 96
+    global_scale: tuple[float, float] = GLOBAL_SCALE
+    local_scale: tuple[float, float] = LOCAL_SCALE
+    strong_p: float = STRONG_P
+    erase_p: float = ERASE_P
 
     def __post_init__(self) -> None:
         if self.local_crops_number < 0:
@@ -44,8 +50,17 @@ class CropSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "CropSpec":
-        """The crops of a `MugsConfig` (the release's flags --local_crops_number, --global_crop_size, --size_crops)."""
-        return cls(cfg.local_crops_number, cfg.global_crop_size, cfg.size_crops[0])
+        """The crops of a `MugsConfig` (the release's flags --local_crops_number, --global_crop_size, --size_crops,
+        --global_crops_scale, --local_crops_scale, --prob (P(strong) = 1 - prob) and --re_prob)."""
+        return cls(
+            cfg.local_crops_number,
+            cfg.global_crop_size,
+            cfg.size_crops[0],
+            tuple(cfg.global_crops_scale),
+            tuple(cfg.local_crops_scale),
+            1 - cfg.prob,
+            cfg.re_prob,
+        )
 
 
 MUGS_CROPS = CropSpec()  # the paper's: 10 local crops, 224 / 96 px

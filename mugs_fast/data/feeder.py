@@ -74,7 +74,7 @@ class HostFeeder:
         sizes = self._sizes[indices]
         s, c = self.sampler, self.crops
         rng = plan_rng(s.seed, s.epoch, s.rank, batch)
-        plan = sample_plan(rng, sizes[:, 0], sizes[:, 1], c.local_crops_number, c.global_size, c.local_size)
+        plan = sample_plan(rng, sizes[:, 0], sizes[:, 1], c)
         source = source_batch([self.reader[int(i)][0] for i in indices], sizes, plan, batch)
         return Fed(batch, indices, plan, replaced), source
 

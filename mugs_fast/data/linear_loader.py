@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from mugs_fast.data.beton import BetonReader
-from mugs_fast.data.contract import default_device
+from mugs_fast.data.contract import BetonSource, default_device
 from mugs_fast.data.finish import CropFinisher, finish_arrays, to_device
 from mugs_fast.data.jpeg import BadJpeg, jpeg_size
 from mugs_fast.data.params import CropPlan, _crop_windows, _erase_boxes, _rand_augment, colour_affine, plan_rng
-from mugs_fast.data.replacement import stand_in
+from mugs_fast.data.replacement import Replacements, stand_in
 from mugs_fast.data.sampler import EpochSampler
+from mugs_fast.runtime import compute_dtype
 
 CROP_SCALE = (0.08, 1.0)  # DeiT's RandomResizedCrop
 
@@ -42,10 +43,11 @@ def linear_plan(rng: np.random.Generator, heights: np.ndarray, widths: np.ndarra
     return CropPlan(roi, strong, ra_op, ra_bin, ra_sign, blur, colour, shift, ~strong, erase, np.array([size]))
 
 
-class AugmentedLoader:
+class AugmentedLoader(BetonSource):
     """Batches (images (B, 3, S, S) in `dtype` on `device`, labels (B,) int64) of strong crops of this rank's share.
 
     set_epoch(e) then iterate, as `MultiCropLoader`; the same seed gives the same batches and augmentations.
+    Samples whose header does not decode are replaced (`Replacements`: named once, counted as yielded).
     """
 
     def __init__(
@@ -68,12 +70,13 @@ class AugmentedLoader:
             raise FileNotFoundError(f"no .beton file at {path}")
         self.reader = BetonReader(path)
         self.sampler = EpochSampler(len(self.reader), batch_size, seed, rank, world_size)
+        self.replacements = Replacements(path)
         self.device = default_device(device)
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or compute_dtype("bf16", self.device)
         self.size = size
         self._finisher = CropFinisher(self.device, self.dtype)
         self._pending: collections.deque = collections.deque()  # batch numbers not yet fed to DALI
-        self._fed: collections.deque = collections.deque()  # (batch, indices, plan) DALI is working on
+        self._fed: collections.deque = collections.deque()  # (batch, indices, plan, replaced) DALI is working on
         threads = num_threads or min(16, len(os.sched_getaffinity(0)))
         self._pipe = build_pipeline(
             self._feed,
@@ -86,16 +89,11 @@ class AugmentedLoader:
             hw_decoder_load=0.75,
         )
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
     def _decodes(self, i: int) -> bool:
         try:
             jpeg_size(self.reader[i][0])
-        except BadJpeg:
+        except BadJpeg as e:
+            self.replacements.mark(i, str(e))
             return False
         return True
 
@@ -106,13 +104,16 @@ class AugmentedLoader:
         if not self._pending:
             raise StopIteration
         batch, s = self._pending.popleft(), self.sampler
-        indices = s.batch(batch).copy()
+        indices, replaced = s.batch(batch).copy(), 0
         for slot, i in enumerate(indices):
             if not self._decodes(int(i)):
-                indices[slot] = stand_in(s.seed, int(i), len(self.reader), self._decodes)
+                j = stand_in(s.seed, int(i), len(self.reader), self._decodes)
+                if j is None:
+                    raise self.replacements.not_found(int(i))
+                indices[slot], replaced = j, replaced + 1
         shapes = np.stack([self.reader.heights[indices], self.reader.widths[indices]], 1)
         plan = linear_plan(plan_rng(s.seed, s.epoch, s.rank, batch), shapes[:, 0], shapes[:, 1], self.size)
-        self._fed.append((batch, indices, plan))
+        self._fed.append((batch, indices, plan, replaced))
         return source_batch([self.reader[int(i)][0] for i in indices], shapes, plan, batch)
 
     def __iter__(self):
@@ -125,7 +126,8 @@ class AugmentedLoader:
         try:
             for _ in range(len(s)):
                 crops_out, _tags = self._pipe.run(stream)
-                batch, indices, plan = self._fed.popleft()
+                batch, indices, plan, replaced = self._fed.popleft()
+                self.replacements.num_replaced += replaced
                 dense = crops_out.as_tensor()
                 crops = feed_ndarray(dense, torch.empty(dense.shape(), dtype=torch.uint8, device=self.device), stream)
                 host = {f"p.{k}": v for k, v in finish_arrays(plan, slice(0, 1)).items()}

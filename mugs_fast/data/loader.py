@@ -26,6 +26,7 @@ from mugs_fast.data.contract import MUGS_CROPS, BetonSource, CropSpec, default_d
 from mugs_fast.data.feeder import Fed, HostFeeder
 from mugs_fast.data.finish import CropFinisher, to_device
 from mugs_fast.data.sampler import EpochSampler
+from mugs_fast.runtime import compute_dtype
 
 
 class MultiCropLoader(BetonSource):
@@ -77,7 +78,7 @@ class MultiCropLoader(BetonSource):
         self.feeder = HostFeeder(reader, sampler, crops, verify, threads)
         self.sampler, self.replacements, self.crops = sampler, self.feeder.replacements, crops
         self.device = default_device(device)
-        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.dtype = dtype or compute_dtype("bf16", self.device)
         self._finisher = CropFinisher(self.device, self.dtype)
         self._fed: collections.deque = collections.deque()  # what DALI is working on: Fed, in feed order
         self._active = None  # weak reference to the running iteration

@@ -15,8 +15,12 @@ The distributions are those of the release (`src/multicropdataset.py`, torchvisi
 """
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mugs_fast.data.contract import CropSpec  # which imports this module's defaults
 
 GLOBAL_SCALE, LOCAL_SCALE, RATIO = (0.25, 1.0), (0.05, 0.25), (3 / 4, 4 / 3)
 STRONG_P = 0.5
@@ -65,18 +69,19 @@ def sample_plan(
     rng: np.random.Generator,
     heights: np.ndarray,
     widths: np.ndarray,
-    local_crops_number: int,
-    global_size: int,
-    local_size: int,
+    crops: "CropSpec",
 ) -> CropPlan:
-    """Draws the plan of a batch of images with these sizes (pixels, (B,) each)."""
+    """Draws the plan of a batch of images with these sizes (pixels, (B,) each): `crops` gives the crops' number
+    and sizes and the augmentation's free parameters (crop scales, P(strong), P(erase))."""
+    local_crops_number, global_size, local_size = crops.local_crops_number, crops.global_size, crops.local_size
+    strong_p, erase_p = crops.strong_p, crops.erase_p
     batch, num_crops = len(heights), 4 + local_crops_number
     strong = np.zeros((num_crops, batch), bool)
-    strong[2:4] = rng.random(batch) < STRONG_P
-    strong[4:] = rng.random((local_crops_number, batch)) < STRONG_P
+    strong[2:4] = rng.random(batch) < strong_p
+    strong[4:] = rng.random((local_crops_number, batch)) < strong_p
     weak = ~strong
 
-    scale = np.array([GLOBAL_SCALE] * 4 + [LOCAL_SCALE] * local_crops_number)[:, None, :]
+    scale = np.array([crops.global_scale] * 4 + [crops.local_scale] * local_crops_number)[:, None, :]
     roi = _crop_windows(rng, np.broadcast_to(heights, strong.shape), np.broadcast_to(widths, strong.shape), scale)
 
     blur_p = np.array([1.0, 0.1, 1.0, 0.1] + [0.5] * local_crops_number)[:, None]
@@ -89,7 +94,7 @@ def sample_plan(
     colour, contrast_shift = _colour_jitter(rng, weak)
     ra_op, ra_bin, ra_sign = _rand_augment(rng, strong)
     sizes = np.array([global_size] * 4 + [local_size] * local_crops_number)
-    erase = _erase_boxes(rng, strong, sizes[:, None])
+    erase = _erase_boxes(rng, strong, sizes[:, None], erase_p)
     return CropPlan(roi, strong, ra_op, ra_bin, ra_sign, blur, colour, contrast_shift, solarize, erase, sizes)
 
 
@@ -166,8 +171,8 @@ def _rand_augment(rng, strong) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return op, level_bin, sign
 
 
-def _erase_boxes(rng, strong, sizes) -> np.ndarray:
-    """timm RandomErasing(p=0.25, max_count=1) boxes on size x size crops, 10 tries; height 0 = no box."""
+def _erase_boxes(rng, strong, sizes, p: float = ERASE_P) -> np.ndarray:
+    """timm RandomErasing(p, max_count=1) boxes on size x size crops, 10 tries; height 0 = no box."""
     shape, tries = strong.shape, 10
     area = (sizes * sizes).astype(np.float64)[..., None]
     target = rng.uniform(*ERASE_AREA, shape + (tries,)) * area
@@ -178,7 +183,7 @@ def _erase_boxes(rng, strong, sizes) -> np.ndarray:
     ok = (h < sizes[..., None]) & (w < sizes[..., None])
     first = ok.argmax(-1)[..., None]
     h, w = np.take_along_axis(h, first, -1)[..., 0], np.take_along_axis(w, first, -1)[..., 0]
-    on = strong & (rng.random(shape) < ERASE_P) & ok.any(-1)
+    on = strong & (rng.random(shape) < p) & ok.any(-1)
     top = (rng.random(shape) * (sizes - h + 1)).astype(np.int64)
     left = (rng.random(shape) * (sizes - w + 1)).astype(np.int64)
     box = np.stack([top, left, h, w], -1)

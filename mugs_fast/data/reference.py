@@ -31,7 +31,7 @@ from mugs_fast.data.beton import BetonReader
 from mugs_fast.data.contract import MUGS_CROPS, BetonSource, CropSpec, default_device
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 from mugs_fast.data.jpeg import BadJpeg, check_jpeg
-from mugs_fast.data.params import GLOBAL_SCALE, LOCAL_SCALE, RA_FILL, RATIO
+from mugs_fast.data.params import RA_FILL, RATIO
 from mugs_fast.data.replacement import Replacements, stand_in
 from mugs_fast.data.sampler import EpochSampler
 
@@ -79,8 +79,9 @@ def _posterize(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
-def strong_transform(size: int, scale: tuple) -> transforms.Compose:
-    """The release's `strong_transforms` with its defaults (hflip 0.5, no colour aug, prefetcher: no normalise)."""
+def strong_transform(size: int, scale: tuple, erase_p: float = 0.25) -> transforms.Compose:
+    """The release's `strong_transforms` (hflip 0.5, no colour aug, prefetcher: no normalise; RandomErasing
+    with probability erase_p, its --re_prob)."""
     from timm.data.random_erasing import RandomErasing
 
     return transforms.Compose(
@@ -89,7 +90,7 @@ def strong_transform(size: int, scale: tuple) -> transforms.Compose:
             release_rand_augment(size),
             transforms.RandomResizedCrop(size, scale=scale, ratio=RATIO, interpolation=InterpolationMode.BICUBIC),
             transforms.ToTensor(),
-            RandomErasing(0.25, mode="pixel", max_count=1, num_splits=0, device="cpu"),
+            RandomErasing(erase_p, mode="pixel", max_count=1, num_splits=0, device="cpu"),
         ]
     )
 
@@ -111,13 +112,14 @@ def weak_transform(size: int, scale: tuple, blur_p: float, solarize_p: float = 0
 class ReleaseAugmentation:
     """The release's DataAugmentation: image -> (4 + L crops as [0, 1] tensors, weak flag, local strong flags)."""
 
-    def __init__(self, crops: CropSpec = MUGS_CROPS, prob: float = 0.5):
-        self.prob, self.local_crops_number = prob, crops.local_crops_number
-        self.global_transfo1 = weak_transform(crops.global_size, GLOBAL_SCALE, blur_p=1.0)
-        self.global_transfo2 = weak_transform(crops.global_size, GLOBAL_SCALE, blur_p=0.1, solarize_p=0.2)
-        self.global_transfo3 = strong_transform(crops.global_size, GLOBAL_SCALE)
-        self.local_transfo = weak_transform(crops.local_size, LOCAL_SCALE, blur_p=0.5)
-        self.local_transfo2 = strong_transform(crops.local_size, LOCAL_SCALE)
+    def __init__(self, crops: CropSpec = MUGS_CROPS):
+        self.prob, self.local_crops_number = 1 - crops.strong_p, crops.local_crops_number
+        g, lo = crops.global_scale, crops.local_scale
+        self.global_transfo1 = weak_transform(crops.global_size, g, blur_p=1.0)
+        self.global_transfo2 = weak_transform(crops.global_size, g, blur_p=0.1, solarize_p=0.2)
+        self.global_transfo3 = strong_transform(crops.global_size, g, crops.erase_p)
+        self.local_transfo = weak_transform(crops.local_size, lo, blur_p=0.5)
+        self.local_transfo2 = strong_transform(crops.local_size, lo, crops.erase_p)
 
     def __call__(self, image):
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
