@@ -3,6 +3,10 @@
 import argparse
 import typing
 
+from mugs_fast.config import OneLineParser
+
+__all__ = ["OneLineParser", "PrepError", "error_line", "int_in"]
+
 
 class PrepError(Exception):
     """A user-facing error of a data_prep command: its message is one line, printed without a traceback."""
@@ -13,13 +17,6 @@ def error_line(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     return str(e)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Usage errors as one line naming the problem (not the usage block), exit status 2 as argparse."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 def int_in(low: int, high: int | None = None) -> typing.Callable[[str], int]:

@@ -459,11 +459,12 @@ def _argparse_kwargs(f: dataclasses.Field, default: Any) -> dict[str, Any]:
     return kwargs
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """Usage errors as one line (not the usage of ~100 flags), exit status 2 as argparse."""
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the problem (not the usage block of ~100 flags), exit status 2 as
+    argparse. Every command of the project parses with it (mugs-train, -prep, -demo, -knn, -linear, -export)."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 # flag spellings other launchers use: torch.distributed.launch passes --local-rank since torch 2.0
@@ -474,7 +475,7 @@ def build_parser(base: MugsConfig | None = None) -> argparse.ArgumentParser:
     """Command-line parser with one `--field` per config field (defaults from `base`), `--recipe`, and the
     `RELEASE_ONLY_FLAGS` (no default: present in the parsed namespace only when given)."""
     base = base or MugsConfig()
-    parser = _OneLineErrors("mugs", allow_abbrev=False, description="Mugs self-supervised pretraining")
+    parser = OneLineParser("mugs", allow_abbrev=False, description="Mugs self-supervised pretraining")
     parser.add_argument(
         "--recipe",
         default=base.recipe or None,
@@ -497,7 +498,7 @@ def parse_config(argv: list[str] | None = None) -> MugsConfig:
     An unknown flag, a value of the wrong type or out of range, an inconsistent config, or an --output_dir that
     cannot be written exits with a one-line usage error (status 2) naming the flag, before anything is written.
     """
-    pre = _OneLineErrors("mugs", add_help=False, allow_abbrev=False)
+    pre = OneLineParser("mugs", add_help=False, allow_abbrev=False)
     pre.add_argument("--recipe", choices=sorted(RECIPES))
     known, _ = pre.parse_known_args(argv)
     base = recipe(known.recipe) if known.recipe else MugsConfig()

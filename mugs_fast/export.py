@@ -17,7 +17,6 @@ The files are written under temporary names and renamed once that check passes: 
 leaves no file that looks like a good one.
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ from mugs_fast.checkpoint import (
     checkpoint_config,
     load_checkpoint,
 )
-from mugs_fast.config import MugsConfig
+from mugs_fast.config import MugsConfig, OneLineParser
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD
 from mugs_fast.files import atomic_paths
 from mugs_fast.vit import ARCHS
@@ -122,9 +121,7 @@ def _verify(ckpt: dict[str, Any], name: str, kwargs: dict[str, Any], checkpoint_
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="mugs-export", description="Export a checkpoint's backbone for timm and DINO tools."
-    )
+    p = OneLineParser(prog="mugs-export", description="Export a checkpoint's backbone for timm and DINO tools.")
     p.add_argument("checkpoint", type=Path, help="a training checkpoint (checkpoint.pth of a run directory)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--checkpoint_key", choices=("teacher", "student"), default="teacher", help="default: teacher")

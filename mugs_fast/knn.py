@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mugs_fast.config import OneLineParser
 from mugs_fast.data.beton import BetonError, BetonReader, sidecar_path
 from mugs_fast.distributed import all_gather_cat
 from mugs_fast.runtime import autocast, compute_dtype
@@ -172,7 +173,7 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mugs-knn", description="Weighted k-NN accuracy of a checkpoint's teacher.")
+    p = OneLineParser(prog="mugs-knn", description="Weighted k-NN accuracy of a checkpoint's teacher.")
     p.add_argument("checkpoint", type=Path, help="a training checkpoint (checkpoint.pth of a run directory)")
     p.add_argument("--train", type=Path, required=True, help=".beton of the training images (the kNN memory)")
     p.add_argument("--val", type=Path, required=True, help=".beton of the images to classify")

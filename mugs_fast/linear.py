@@ -217,8 +217,7 @@ def format_augmented(results: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_prep import OneLineParser
-    from mugs_fast.config import bool_flag
+    from mugs_fast.config import OneLineParser, bool_flag
 
     p = OneLineParser(prog="mugs-linear", description="Linear-probe accuracy of a checkpoint's backbone.")
     p.add_argument("checkpoint", type=Path, help="a training checkpoint (ours or the release's) or a mugs-export file")

@@ -117,3 +117,10 @@ def test_a_backbone_that_timm_does_not_reproduce_leaves_no_files(tmp_path, monke
     assert main([str(ckpt), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mugs-export: error: timm's vit_tiny_patch16_224") and err.count("\n") == 1
+
+
+def test_usage_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["ckpt.pth", "--checkpoint_key", "teachers", "--out", "x"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("mugs-export: error:") and err.count("\n") == 1

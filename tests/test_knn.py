@@ -135,3 +135,11 @@ def test_cli_refuses_a_val_set_whose_labels_mean_other_classes(tiny_run, tmp_pat
         return
     assert status == 1 and err.startswith(f"mugs-knn: error: --val {val}: ") and err.count("\n") == 1
     assert error in err and "kNN matches labels by index" in err
+
+
+@pytest.mark.parametrize("argv", [["ckpt.pth"], ["ckpt.pth", "--train", "t", "--val", "v", "--k", "ten"]])
+def test_usage_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("mugs-knn: error:") and err.count("\n") == 1
