@@ -1,5 +1,6 @@
 """Helpers shared by the data_prep tests: run the CLI in a subprocess and check its errors."""
 
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +53,12 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def _as_a_foreground_job() -> None:
+    """Ctrl-C's default action, as a terminal's foreground job has it: a test run started in the background
+    (`cmd &` in a script) passes SIGINT on ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_conversion(src: Path, dst: Path, *args: str) -> subprocess.Popen:
     """`convert SRC DST ARGS` in a subprocess of its own process group, returned once it is writing."""
     proc = subprocess.Popen(
@@ -61,6 +68,7 @@ def start_conversion(src: Path, dst: Path, *args: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # as a shell job
+        preexec_fn=_as_a_foreground_job,
     )
     deadline = time.monotonic() + 60
     while not list(dst.parent.glob("*.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
