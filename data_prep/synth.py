@@ -3,7 +3,12 @@
 Each class is a texture pattern (stripes, checkers, dots, rings, ...) filling a large random shape or the whole
 image, with periods of 1/9 to 1/4 of the image side: coarse enough that a crop of a quarter of the image, at
 32 px, still shows the pattern. Everything else is random and drawn the same way for every class: the
-pattern's orientation, period and offset, the shape, the colours, the noise, the image size. The colours are
+pattern's tilt (within `max_tilt` degrees of upright, 20 by default), period and offset, the shape, the colours,
+the noise, the image size. The patterns stand near upright, as most photographed things do, because the
+multi-crop augmentations flip and crop but never rotate: classes seen at every angle (stripes, zigzags and waves
+at any angle share most local edges) ask a small network for a rotation invariance nothing teaches it. Measured on
+the demo's network (README, "What the demo does"): supervised training for the demo's 279 steps reached 62 %
+top-1 with patterns at any angle, 76 % within 20 degrees of upright. The colours are
 smooth random fields (a dark one and a light one for the pattern, a third for the background), so they change
 across an image: colour tells neither the class nor, reliably, which image a crop came from; the pattern's
 geometry does, which a network has to learn. The dark/light split keeps every image high-contrast.
@@ -110,8 +115,9 @@ def _colour_field(rng: np.random.Generator, h: int, w: int, low: float, high: fl
     return np.stack([np.asarray(Image.fromarray(g).resize((w, h), Image.Resampling.BILINEAR)) for g in grid])
 
 
-def render(rng: np.random.Generator, label: int, min_size: int, max_size: int) -> np.ndarray:
-    """One (H, W, 3) uint8 image of class `label`; H and W uniform in [min_size, max_size].
+def render(rng: np.random.Generator, label: int, min_size: int, max_size: int, max_tilt: float = 20.0) -> np.ndarray:
+    """One (H, W, 3) uint8 image of class `label`; H and W uniform in [min_size, max_size], the pattern tilted
+    by an angle uniform in [-max_tilt, max_tilt] degrees (180: any orientation).
 
     The pattern of the class fills a large random shape (or the whole image): periods of 1/9 to 1/4 of the
     image side, so a crop of a quarter of the image still shows a few of them at 32 px. Its two colours are
@@ -122,7 +128,7 @@ def render(rng: np.random.Generator, label: int, min_size: int, max_size: int) -
     """
     h, w = (int(s) for s in rng.integers(min_size, max_size + 1, size=2))
     y, x = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)  # (H, 1), (W,)
-    angle = rng.uniform(0, TAU)
+    angle = np.radians(rng.uniform(-max_tilt, max_tilt))
     cos, sin = float(np.cos(angle)), float(np.sin(angle))
     cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
     u = (x - cx) * cos + (y - cy) * sin  # (H, W) pattern coordinates: centred on (cx, cy), rotated
@@ -186,11 +192,11 @@ def _keep_freed_memory() -> None:
 
 
 def _write_class(job: tuple) -> None:
-    folder, split, label, count, seed, min_size, max_size = job
+    folder, split, label, count, seed, min_size, max_size, max_tilt = job
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         rng = np.random.default_rng([seed, SPLITS.index(split), label, i])  # per image: any worker order
-        img = render(rng, label, min_size, max_size)
+        img = render(rng, label, min_size, max_size, max_tilt)
         Image.fromarray(img).save(folder / f"{split}_{label:02d}_{i:05d}.jpg", quality=90)
 
 
@@ -203,6 +209,7 @@ def write_dataset(
     val_per_class: int = 50,
     min_size: int = 128,
     max_size: int = 256,
+    max_tilt: float = 20.0,
     workers: int | None = None,
     overwrite: bool = False,
 ) -> SynthDataset:
@@ -217,6 +224,8 @@ def write_dataset(
         raise PrepError(f"need 8 <= min_size <= max_size, got {min_size} and {max_size}")
     if train_per_class < 0 or val_per_class < 0:
         raise PrepError("images per class must be >= 0")
+    if not 0 <= max_tilt <= 180:
+        raise PrepError(f"max_tilt must be in 0..180 degrees, got {max_tilt}")
     for split in SPLITS:
         if (root / split).exists():
             if not overwrite:
@@ -228,7 +237,7 @@ def write_dataset(
     counts = {"train": train_per_class, "val": val_per_class}
     classes = class_names(num_classes)
     jobs = [
-        (root / split / name, split, label, counts[split], seed, min_size, max_size)
+        (root / split / name, split, label, counts[split], seed, min_size, max_size, max_tilt)
         for split in SPLITS
         for label, name in enumerate(classes)
     ]
@@ -253,6 +262,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--val-per-class", type=int_in(0), default=50, help="val images per class (default 50)")
     p.add_argument("--min-size", type=int_in(8), default=128, help="smallest image side, px (default 128)")
     p.add_argument("--max-size", type=int_in(8), default=256, help="largest image side, px (default 256)")
+    p.add_argument("--max-tilt", type=int_in(0, 180), default=20, help="largest tilt of the patterns, degrees (20)")
     p.add_argument("--workers", type=int_in(1, 1024), default=None, help="processes (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace existing train/ and val/ folders")
     p.set_defaults(run=_run)

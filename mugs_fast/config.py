@@ -176,7 +176,7 @@ def _one_of(choices: tuple) -> Check:
 
 def _only(value: Any, what: str) -> Check:
     """An option of the release whose other values the loaders do not implement: refused, not ignored."""
-    return lambda v: None if v == value else f"the loaders implement only {_shown(value)} ({what})"
+    return lambda v: None if v == value else f"the loaders implement only {flag_text(value)} ({what})"
 
 
 def _one(check: Check) -> Check:
@@ -308,10 +308,10 @@ def _relation_problem(c: "MugsConfig") -> tuple[str, str] | None:
     return None
 
 
-def _shown(value: Any) -> str:
+def flag_text(value: Any) -> str:
     """A value as it is typed on the command line."""
     if isinstance(value, tuple):
-        return " ".join(map(_shown, value))
+        return " ".join(map(flag_text, value))
     if isinstance(value, bool):
         return str(value).lower()
     return shlex.quote(value) if isinstance(value, str) else str(value)
@@ -330,11 +330,11 @@ def config_problem(c: "MugsConfig") -> str | None:
             return f"--{f.name} {value!r}: {problem}"
         problem = FIELD_CHECKS.get(f.name, _anything)(value)  # a field missing there fails a test, not a run
         if problem:
-            return f"--{f.name} {_shown(value)}: {problem}"
+            return f"--{f.name} {flag_text(value)}: {problem}"
     relation = _relation_problem(c)
     if relation:
         name, problem = relation
-        return f"--{name} {_shown(getattr(c, name))}: {problem}"
+        return f"--{name} {flag_text(getattr(c, name))}: {problem}"
     return None
 
 
@@ -518,7 +518,7 @@ def parse_config(argv: list[str] | None = None) -> MugsConfig:
         parser.error(str(e))
     problem = output_dir_problem(cfg.output_dir)
     if problem:
-        parser.error(f"--output_dir {_shown(cfg.output_dir)}: {problem}")
+        parser.error(f"--output_dir {flag_text(cfg.output_dir)}: {problem}")
     return cfg
 
 

@@ -1,11 +1,13 @@
 """mugs_fast.demo: the README's main job (synth -> convert -> train -> kNN -> summary) end to end, tiny."""
 
 import json
+import shlex
 
 import pytest
 
+from mugs_fast.config import parse_config
 from mugs_fast.data.beton import BetonReader
-from mugs_fast.demo import main
+from mugs_fast.demo import demo_config, main, train_command
 
 TINY = ["--seed", "3", "--train_per_class", "4", "--val_per_class", "2", "--epochs", "2"]
 
@@ -50,3 +52,10 @@ def test_demo_bad_training_value_is_a_usage_error_before_any_work(tmp_path, caps
         err = capsys.readouterr().err
         assert err.startswith(f"mugs-demo: error: {flag} {value}: must be") and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []  # no data made
+
+
+def test_printed_train_command_trains_the_same_run(tmp_path):
+    cfg = demo_config(tmp_path / "my demo", seed=4, epochs=2)
+    command = shlex.split(train_command(cfg))
+    assert command[:2] == ["python", "train.py"]
+    assert parse_config(command[2:]) == cfg

@@ -88,3 +88,23 @@ def test_cli(tmp_path):
     assert proc.returncode == 0 and "wrote 6 train and 2 val images of 2 classes" in proc.stdout, proc.stderr
     assert_one_line_error(run_prep("synth", str(tmp_path), *args), "exists", "--overwrite")  # again
     assert_one_line_error(run_prep("synth", str(tmp_path), *args, "--num-classes", "11"), "must be 1..10", status=2)
+
+
+def test_patterns_stand_near_upright_unless_asked():
+    """The stripes' orientation (the luma gradient's dominant direction) follows max_tilt: vertical at 0, within
+    a few degrees of the bound at 20 (the shape's edges pull a little), anywhere at 180."""
+
+    def stripe_angle(img: np.ndarray) -> float:  # degrees from vertical stripes (horizontal gradients)
+        gy, gx = np.gradient(img.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+        return abs(np.degrees(0.5 * np.arctan2(2 * (gx * gy).sum(), (gx * gx).sum() - (gy * gy).sum())))
+
+    def angles(max_tilt: float) -> list[float]:
+        return [stripe_angle(render(np.random.default_rng([1, i]), 0, 96, 96, max_tilt)) for i in range(12)]
+
+    assert max(angles(0)) < 2 and max(angles(20)) < 26 and max(angles(180)) > 45
+
+
+def test_bad_tilt_is_refused(tmp_path):
+    with pytest.raises(PrepError, match="max_tilt"):
+        write_dataset(tmp_path, num_classes=1, train_per_class=1, val_per_class=0, max_tilt=181)
+    assert_one_line_error(run_prep("synth", str(tmp_path), "--max-tilt", "-1"), "must be 0..180", status=2)
