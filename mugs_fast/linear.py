@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mugs_fast.data.beton import BetonReader
+from mugs_fast.data.beton import open_beton
 from mugs_fast.distributed import get_rank
 from mugs_fast.linear_features import (
     BackboneFile,
@@ -66,10 +66,7 @@ def check_classes(train_path: Path, val_path: Path) -> int:
     `.classes.json` side files differ, or val labels lie beyond train's classes; `knn.check_knn_datasets`)."""
     from mugs_fast.knn import DatasetMismatch, check_knn_datasets
 
-    for path in (train_path, val_path):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no .beton file at {path}")
-    train, val = BetonReader(train_path), BetonReader(val_path)
+    train, val = open_beton(train_path), open_beton(val_path)
     try:
         check_knn_datasets(train, val)
     except DatasetMismatch as e:

@@ -189,3 +189,11 @@ def _read_classes(path: Path) -> list[str] | None:
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise BetonError(f"{classes_path}: expected a JSON list of class names")
     return classes
+
+
+def open_beton(path: str | os.PathLike) -> BetonReader:
+    """The reader of the .beton at `path`: FileNotFoundError (naming it) when no file is there, BetonError when the
+    file is not a readable .beton."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no .beton file at {path}")
+    return BetonReader(path)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from mugs_fast.data.beton import BetonError, BetonReader
+from mugs_fast.data.beton import BetonError, open_beton
 from mugs_fast.data.dali_pipeline import cut_window, drain, no_origin_tracing
 from mugs_fast.data.finish import IMAGENET_MEAN, IMAGENET_STD, to_device
 from mugs_fast.data.jpeg import BadJpeg, check_jpeg
@@ -97,9 +97,7 @@ class EvalLoader:
         verify: bool = True,
     ):
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no .beton file at {path}")
-        self.reader = BetonReader(path)
+        self.reader = open_beton(path)
         if len(self.reader) == 0:
             raise BetonError(f"{path} holds no samples")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mugs_fast.data.beton import BetonReader
+from mugs_fast.data.beton import open_beton
 from mugs_fast.data.contract import BetonSource, default_device
 from mugs_fast.data.finish import CropFinisher, finish_arrays, to_device
 from mugs_fast.data.jpeg import BadJpeg, jpeg_size
@@ -66,9 +66,7 @@ class AugmentedLoader(BetonSource):
         from mugs_fast.data.dali_pipeline import build_pipeline  # DALI imported only here
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no .beton file at {path}")
-        self.reader = BetonReader(path)
+        self.reader = open_beton(path)
         self.sampler = EpochSampler(len(self.reader), batch_size, seed, rank, world_size)
         self.replacements = Replacements(path)
         self.device = default_device(device)

@@ -16,12 +16,11 @@ is built once per loader.
 import collections
 import os
 import weakref
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mugs_fast.data.beton import BetonReader
+from mugs_fast.data.beton import BetonReader, open_beton
 from mugs_fast.data.contract import MUGS_CROPS, BetonSource, CropSpec, default_device
 from mugs_fast.data.feeder import Fed, HostFeeder
 from mugs_fast.data.finish import CropFinisher, to_device
@@ -69,10 +68,7 @@ class MultiCropLoader(BetonSource):
         hw_decoder_load: float = 0.75,
         verify: bool = True,
     ):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no .beton file at {path}")
-        reader = BetonReader(path)
+        reader = open_beton(path)
         threads = num_threads or min(16, len(os.sched_getaffinity(0)))
         sampler = EpochSampler(len(reader), batch_size, seed, rank, world_size)
         self.feeder = HostFeeder(reader, sampler, crops, verify, threads)
