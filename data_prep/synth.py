@@ -7,7 +7,7 @@ pattern's tilt (within `max_tilt` degrees of upright, 20 by default), period and
 the noise, the image size. The patterns stand near upright, as most photographed things do, because the
 multi-crop augmentations flip and crop but never rotate: classes seen at every angle (stripes, zigzags and waves
 at any angle share most local edges) ask a small network for a rotation invariance nothing teaches it. Measured on
-the demo's network (README, "What the demo does"): supervised training for the demo's 279 steps reached 62 %
+the demo's network (README, "What the demo does"): supervised training of it for 279 steps reached 62 %
 top-1 with patterns at any angle, 76 % within 20 degrees of upright. The colours are
 smooth random fields (a dark one and a light one for the pattern, a third for the background), so they change
 across an image: colour tells neither the class nor, reliably, which image a crop came from; the pattern's

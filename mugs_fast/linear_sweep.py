@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 MOMENTUM = 0.9
@@ -109,8 +108,12 @@ def init_grid(num_classifiers: int, dim: int, num_classes: int, seed: int, devic
 
 
 def grid_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Features (B, D) -> logits (G, B, C) of every classifier, as one batched matrix product."""
-    return torch.baddbmm(bias.unsqueeze(1), x.expand(len(weight), -1, -1), weight.transpose(1, 2))
+    """Features (B, D) -> logits (B, G, C) of every classifier, as one matrix product with the G classifiers'
+    weights stacked: (B, D) x (D, G * C). (A batched product over G of the broadcast features ran its backward
+    15 times slower on a CPU core.)"""
+    num_classifiers, num_classes, dim = weight.shape
+    logits = torch.addmm(bias.reshape(-1), x, weight.reshape(-1, dim).t())  # (B, G * C)
+    return logits.view(len(x), num_classifiers, num_classes)
 
 
 def train_grid(
@@ -168,8 +171,9 @@ def _sgd_step(
 ) -> torch.Tensor:
     """One SGD step of every classifier on the batch (x (b, D), y (b,)); returns each one's loss (G,)."""
     with _autocast(x, bf16):
-        logits = grid_logits(*params, x)  # (G, b, C)
-    losses = F.cross_entropy(logits.float().transpose(1, 2), y.expand(len(logits), -1), reduction="none").mean(1)
+        logits = grid_logits(*params, x)  # (b, G, C)
+    log_p = torch.log_softmax(logits.float(), dim=2)
+    losses = -log_p.gather(2, y.view(-1, 1, 1).expand(-1, log_p.shape[1], 1)).mean((0, 2))  # cross-entropy (G,)
     grads = torch.autograd.grad(losses.sum(), params)  # classifier g's gradient comes from its own loss only
     with torch.no_grad():
         for p, m, g in zip(params, momenta, grads, strict=True):
@@ -187,8 +191,8 @@ def grid_accuracy(grid: Grid, x: torch.Tensor, y: torch.Tensor, chunk: int = 409
     for start in range(0, len(y), chunk):
         xs, ys = grid.inputs(x[start : start + chunk]), y[start : start + chunk]
         with _autocast(x):
-            logits = grid_logits(grid.weight, grid.bias, xs)  # (G, m, C)
-        hits = logits.float().topk(top, dim=2).indices == ys.view(1, -1, 1)  # (G, m, top)
-        correct += torch.stack([hits[..., 0].sum(1), hits.any(dim=2).sum(1)])
+            logits = grid_logits(grid.weight, grid.bias, xs)  # (m, G, C)
+        hits = logits.float().topk(top, dim=2).indices == ys.view(-1, 1, 1)  # (m, G, top)
+        correct += torch.stack([hits[..., 0].sum(0), hits.any(dim=2).sum(0)])
     accuracy = 100.0 * correct.cpu().double() / max(len(y), 1)
     return accuracy[0], accuracy[1]

@@ -19,7 +19,7 @@ from mugs_fast.data.beton import sidecar_path
 from mugs_fast.export import export
 from mugs_fast.linear import SweepSettings, fit_and_score, main
 from mugs_fast.linear_features import FeatureSpec, cached_extract, extract, load_backbone, probe_features
-from mugs_fast.linear_sweep import epoch_batches, holdout_split, init_grid, train_grid
+from mugs_fast.linear_sweep import Grid, epoch_batches, grid_accuracy, holdout_split, init_grid, train_grid
 from mugs_fast.mugs import Mugs
 from mugs_fast.vit import build_backbone
 
@@ -123,6 +123,18 @@ def test_the_batched_grid_gives_the_weights_of_each_classifier_trained_alone():
             schedule.step()
         torch.testing.assert_close(grid.weight[k], linear.weight.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grid.bias[k], linear.bias.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_accuracy_is_each_classifiers_own_top1_and_top5():
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(3, 7, 5, generator=g), torch.randn(3, 7, generator=g)  # 3 classifiers, 7 classes
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 7, (40,), generator=g)
+    top1, top5 = grid_accuracy(Grid(weight, bias, [(0.1, 0.0)] * 3), x, y, chunk=16)  # chunks of 16, 16, 8 rows
+    for k in range(3):
+        ranked = (x @ weight[k].T + bias[k]).argsort(dim=1, descending=True)
+        assert top1[k].item() == pytest.approx(100 * (ranked[:, 0] == y).float().mean().item())
+        assert top5[k].item() == pytest.approx(100 * (ranked[:, :5] == y[:, None]).any(1).float().mean().item())
+    assert len(set(top1.tolist())) > 1  # the classifiers differ: a mix-up of their rows would show
 
 
 def test_standardized_training_is_training_on_features_standardized_by_the_training_rows():
