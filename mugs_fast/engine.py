@@ -99,7 +99,9 @@ def train(cfg: MugsConfig) -> TrainResult:
     lock = RunLock(cfg.output_dir)
     try:
         _own_run_directory(lock, rt)
-        return _train(cfg, rt)
+        result = _train(cfg, rt)
+        rt.settle()
+        return result
     except RuntimeError as e:  # a frozen or lost rank: one line that names it, not a traceback
         message = collective_failure(rt, e, cfg.collective_timeout_minutes)
         if message is None:
