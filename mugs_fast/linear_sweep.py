@@ -109,8 +109,8 @@ def init_grid(num_classifiers: int, dim: int, num_classes: int, seed: int, devic
 
 def grid_logits(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Features (B, D) -> logits (B, G, C) of every classifier, as one matrix product with the G classifiers'
-    weights stacked: (B, D) x (D, G * C). (A batched product over G of the broadcast features ran its backward
-    15 times slower on a CPU core.)"""
+    weights stacked: (B, D) x (D, G * C). (A batched product over G of the broadcast features, with
+    F.cross_entropy, took 146 ms a step against 9 ms for this on one CPU core at G = 20, C = 10, D = 768, B = 1024.)"""
     num_classifiers, num_classes, dim = weight.shape
     logits = torch.addmm(bias.reshape(-1), x, weight.reshape(-1, dim).t())  # (B, G * C)
     return logits.view(len(x), num_classifiers, num_classes)
