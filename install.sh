@@ -18,6 +18,18 @@ for arg in "$@"; do
   esac
 done
 
+# A new environment takes ~7 GB (torch's CUDA build and the NVIDIA libraries it loads), plus pip's downloads while it
+# installs: with less free room, stop now with the numbers, not midway on "No space left on device".
+need_gb=10
+if [[ ! -x "$venv/bin/python" ]]; then
+  read -r free_kb mount < <(df -Pk . | awk 'NR == 2 {print $4, $6}')
+  if (( free_kb < need_gb * 1024 * 1024 )); then
+    echo "install.sh: $venv needs about $need_gb GB of free disk, and $mount has $((free_kb / 1024 / 1024)) GB free:" \
+      "free some room (or clone mugs-fast onto a larger disk), then run it again" >&2
+    exit 1
+  fi
+fi
+
 sudo=""
 [[ $(id -u) -ne 0 ]] && sudo="sudo"
 pkgs=(g++ pkg-config libturbojpeg0-dev libopencv-dev)
@@ -29,7 +41,7 @@ if ! dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then
 fi
 
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
-echo "== pip: mugs-fast${extras} into $venv, versions from $lock (first time: ~6 GB, a few minutes)"
+echo "== pip: mugs-fast${extras} into $venv, versions from $lock (first time: ~7 GB, a few minutes)"
 "$venv/bin/python" -m pip install -q -U pip
 "$venv/bin/python" -m pip install -q -c "$lock" -e ".${extras}"
 "$venv/bin/python" -c "import torch, triton, timm, nvidia.dali, ffcv; print('== ready: torch', torch.__version__, \
