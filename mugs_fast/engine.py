@@ -34,6 +34,7 @@ from mugs_fast.checkpoint import (
 from mugs_fast.config import MugsConfig, output_dir_problem, parse_config
 from mugs_fast.data.beton import BetonError, BetonReader
 from mugs_fast.data.contract import CropSpec, MultiCropSource
+from mugs_fast.distributed import settle
 from mugs_fast.knn import DatasetMismatch, check_knn_datasets, evaluate_knn, knn_temperature
 from mugs_fast.metrics import MetricLogger, code_version, plot_learning_curves, write_run_info
 from mugs_fast.monitor import CollapseMonitor
@@ -100,7 +101,7 @@ def train(cfg: MugsConfig) -> TrainResult:
     try:
         _own_run_directory(lock, rt)
         result = _train(cfg, rt)
-        rt.settle()
+        settle(rt.control)
         return result
     except RuntimeError as e:  # a frozen or lost rank: one line that names it, not a traceback
         message = collective_failure(rt, e, cfg.collective_timeout_minutes)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mugs_fast.data.beton import open_beton
-from mugs_fast.distributed import get_rank
+from mugs_fast.distributed import get_rank, settle
 from mugs_fast.linear_features import (
     BackboneFile,
     FeatureSpec,
@@ -356,6 +356,7 @@ def _main(args: argparse.Namespace) -> int:
                 results = run_cached(loaded.backbone, loaded.arch, args, threads)
             else:
                 results = run_augmented(loaded, args, threads)
+                settle()  # every rank is past the last collective (the val counts' all-reduce or a DDP step)
     except (ValueError, OSError) as e:  # CheckpointError, BetonError, LinearProbeError, AugmentedProbeError, sampler
         print(f"mugs-linear: error: {e}", file=sys.stderr)
         return 1

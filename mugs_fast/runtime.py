@@ -75,15 +75,6 @@ class Runtime:
         dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.control)
         return [bool(v) for v in votes.tolist()]  # a CPU tensor: no device sync
 
-    def settle(self) -> None:
-        """At a clean end of a run: waits, without the GIL, until every rank gets here. Gloo's worker threads drop
-        each collective's tensors after the caller has its result, and need the GIL to do it: a rank that exits
-        right after its last collective can reach the interpreter's finalisation first and abort (SIGABRT,
-        "terminate called without an active exception"; seen with torch 2.11 on one two-process CPU run in 12-26).
-        While this thread waits here, they finish."""
-        if self.distributed:
-            dist.barrier(group=self.control)
-
     def gather_objects(self, obj) -> list:
         """`obj` of every rank, in rank order (pickled over the gloo group)."""
         if not self.distributed:

@@ -1,4 +1,8 @@
-"""Small Mugs configurations and batches shared by the model tests (odd sizes, 32/16-px crops, fp32)."""
+"""Small Mugs configurations and batches shared by the model tests (odd sizes, 32/16-px crops, fp32), and the
+command line that starts several processes on this machine (torchrun, gloo)."""
+
+import socket
+import sys
 
 import torch
 
@@ -42,3 +46,14 @@ def make_batch(cfg: MugsConfig, batch: int | None = None, seed: int = 0) -> dict
         "student_local": torch.randn(cfg.local_crops_number * b, 3, local, local, generator=g),
         "weak": torch.rand(b, generator=g) < 0.5,
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The start of a command line that runs a script or `-m module` in `nproc` processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]

@@ -1,12 +1,11 @@
 """Two gloo processes, each with half of the global batch, end with the buffers of one process on all of it."""
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mugs_testing import make_batch, small_cfg
+from mugs_testing import free_port, make_batch, small_cfg
 
 from mugs_fast.distributed import all_gather_cat, all_reduce_mean, get_rank, get_world_size
 from mugs_fast.mugs import Mugs, train_step
@@ -59,12 +58,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_helpers_are_no_ops_in_one_process():
     x = torch.randn(3, 2)
     assert get_rank() == 0 and get_world_size() == 1
@@ -73,7 +66,7 @@ def test_helpers_are_no_ops_in_one_process():
 
 def test_two_gloo_processes_equal_one_process(tmp_path):
     out = str(tmp_path / "state")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     single = _train(0, 1)
     for key, value in single.items():

@@ -4,7 +4,6 @@ import contextlib
 import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _fixtures import write_beton
-from mugs_testing import small_cfg
+from mugs_testing import free_port, small_cfg, torchrun
 
 from mugs_fast import checkpoint
 from mugs_fast import engine as train_cli
@@ -91,20 +90,13 @@ def _assert_entries_close(a: dict, b: dict, entries: tuple[str, ...], atol: floa
             )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_equal_one_process(tmp_path):
     # SGD, not AdamW: weights whose gradient is zero in exact arithmetic (the attention key biases: softmax ignores
     # them) get float-noise gradients that differ with the reduction order; Adam's first steps scale any gradient to
     # about lr, SGD keeps noise at noise. A large lr and a fast teacher move the teacher well beyond the tolerance.
     steps, fast = 3, dict(optimizer="sgd", lr=2.0, momentum_teacher=0.9)
     two = _synthetic_cfg(tmp_path / "two", batch_size_per_gpu=3, max_steps=steps, **fast)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    proc = _run([*torchrun, "train.py", *_flags(two)])
+    proc = _run([*torchrun(2), "train.py", *_flags(two)])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "global batch 6 on 2 process(es)" in stdout
@@ -137,8 +129,7 @@ def _read_to_end(stream, timeout: float) -> str | None:
 
 def test_a_worker_stops_when_its_torchrun_agent_dies(tmp_path):
     cfg = _synthetic_cfg(tmp_path / "run", max_steps=10_000)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={_free_port()}"]
-    agent = _run([*torchrun, "train.py", *_flags(cfg)])
+    agent = _run([*torchrun(1), "train.py", *_flags(cfg)])
     worker = None
     try:
         _wait_for_step(agent.stdout, 2)
@@ -164,7 +155,7 @@ def test_a_worker_stops_when_its_torchrun_agent_dies(tmp_path):
 @pytest.mark.parametrize("frozen", [1, 0])
 def test_a_frozen_rank_is_named_when_a_collective_times_out(tmp_path, frozen):
     cfg = _synthetic_cfg(tmp_path / "run", max_steps=10_000, collective_timeout_minutes=0.4)
-    env = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     ranks = [_run([sys.executable, "train.py", *_flags(cfg)], env={**env, "RANK": r, "LOCAL_RANK": r}) for r in "01"]
     alive = 1 - frozen
     try:
