@@ -1,10 +1,13 @@
 """Small Mugs configurations and batches shared by the model tests (odd sizes, 32/16-px crops, fp32), and the
-command line that starts several processes on this machine (torchrun, gloo)."""
+commands that start the project's programs in processes of their own (`start`, `torchrun` with gloo)."""
 
+import os
 import socket
+import subprocess
 import sys
 
 import torch
+from prep_testing import REPO
 
 from mugs_fast.config import MugsConfig, recipe
 
@@ -46,6 +49,13 @@ def make_batch(cfg: MugsConfig, batch: int | None = None, seed: int = 0) -> dict
         "student_local": torch.randn(cfg.local_crops_number * b, 3, local, local, generator=g),
         "weak": torch.rand(b, generator=g) < 0.5,
     }
+
+
+def start(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """`args` in a process of its own, from the repository root, with one OpenMP thread; text pipes for its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    pipe = subprocess.PIPE
+    return subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=pipe, stderr=pipe, **kwargs)
 
 
 def free_port() -> int:

@@ -6,8 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from prep_testing import REPO
 
 
 def _script(path: Path, body: str) -> None:

@@ -4,17 +4,14 @@ one classifier at a time, the held-out split, the cache, the backbone files it r
 import argparse
 import copy
 import json
-import os
-import subprocess
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from _fixtures import write_beton
-from mugs_testing import small_cfg, torchrun
+from mugs_testing import small_cfg, start, torchrun
 from safetensors.torch import save_file
 
 from mugs_fast.checkpoint import CheckpointError, atomic_save, backbone_from_checkpoint, release_entries
@@ -26,7 +23,6 @@ from mugs_fast.linear_sweep import Grid, epoch_batches, grid_accuracy, holdout_s
 from mugs_fast.mugs import Mugs
 from mugs_fast.vit import build_backbone
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL_HEADS = dict(head_hidden_dim=32, pred_hidden_dim=32, group_out_dim=64, group_bottleneck_dim=16)
 
 
@@ -397,17 +393,10 @@ def test_augmented_mode_under_torchrun_counts_every_val_image_once_and_exits_cle
     out = tmp_path / "linear.json"
     args = [str(checkpoint), "--train", str(builtin_betons[0]), "--val", str(builtin_betons[1]), "--mode", "augmented"]
     args += ["--epochs", "1", "--batch_size", "4", "--num_workers", "1", "--output_dir", str(tmp_path / "run")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*torchrun(2), "-m", "mugs_fast.linear", *args, "--out", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(f"saved {out}") == 1  # rank 0 alone reports
+    proc = start([*torchrun(2), "-m", "mugs_fast.linear", *args, "--out", str(out)])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count(f"saved {out}") == 1  # rank 0 alone reports
     results = json.loads(out.read_text())
     assert results["world_size"] == 2 and results["val_samples"] == 20 and results["train_samples"] == 40
     assert results["effective_lr"] == 0.015 * 4 * 2 / 256 and 0 <= results["top1"] <= results["top5"] <= 100

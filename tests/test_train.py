@@ -4,7 +4,6 @@ import contextlib
 import errno
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _fixtures import write_beton
-from mugs_testing import free_port, small_cfg, torchrun
+from mugs_testing import free_port, small_cfg, start, torchrun
 
 from mugs_fast import checkpoint
 from mugs_fast import engine as train_cli
@@ -20,8 +19,6 @@ from mugs_fast.checkpoint import load_checkpoint
 from mugs_fast.config import MugsConfig
 from mugs_fast.engine import build_model, train
 from mugs_fast.runtime import RunLock
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _flags(cfg: MugsConfig) -> list[str]:
@@ -37,12 +34,6 @@ def _flags(cfg: MugsConfig) -> list[str]:
 def _synthetic_cfg(out: Path, **overrides) -> MugsConfig:
     base = dict(synthetic=True, output_dir=str(out), drop_path_rate=0.0, warmup_epochs=0, epochs=1, log_freq=1)
     return small_cfg(**{**base, **overrides})
-
-
-def _run(args: list[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    pipe = subprocess.PIPE
-    return subprocess.Popen(args, cwd=REPO, env=env, text=True, stdout=pipe, stderr=pipe, **kwargs)
 
 
 def test_flags_round_trip():
@@ -66,7 +57,7 @@ def test_unknown_flag_is_a_usage_error(capsys):
 
 def test_sigterm_writes_a_checkpoint_and_exits(tmp_path):
     cfg = _synthetic_cfg(tmp_path / "run", max_steps=10_000)
-    proc = _run([sys.executable, "train.py", *_flags(cfg)])
+    proc = start([sys.executable, "train.py", *_flags(cfg)])
     try:
         for line in proc.stdout:  # wait for training to be under way
             if line.startswith("step 2/"):
@@ -96,7 +87,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     # about lr, SGD keeps noise at noise. A large lr and a fast teacher move the teacher well beyond the tolerance.
     steps, fast = 3, dict(optimizer="sgd", lr=2.0, momentum_teacher=0.9)
     two = _synthetic_cfg(tmp_path / "two", batch_size_per_gpu=3, max_steps=steps, **fast)
-    proc = _run([*torchrun(2), "train.py", *_flags(two)])
+    proc = start([*torchrun(2), "train.py", *_flags(two)])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "global batch 6 on 2 process(es)" in stdout
@@ -129,7 +120,7 @@ def _read_to_end(stream, timeout: float) -> str | None:
 
 def test_a_worker_stops_when_its_torchrun_agent_dies(tmp_path):
     cfg = _synthetic_cfg(tmp_path / "run", max_steps=10_000)
-    agent = _run([*torchrun(1), "train.py", *_flags(cfg)])
+    agent = start([*torchrun(1), "train.py", *_flags(cfg)])
     worker = None
     try:
         _wait_for_step(agent.stdout, 2)
@@ -156,7 +147,7 @@ def test_a_worker_stops_when_its_torchrun_agent_dies(tmp_path):
 def test_a_frozen_rank_is_named_when_a_collective_times_out(tmp_path, frozen):
     cfg = _synthetic_cfg(tmp_path / "run", max_steps=10_000, collective_timeout_minutes=0.4)
     env = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = [_run([sys.executable, "train.py", *_flags(cfg)], env={**env, "RANK": r, "LOCAL_RANK": r}) for r in "01"]
+    ranks = [start([sys.executable, "train.py", *_flags(cfg)], env={**env, "RANK": r, "LOCAL_RANK": r}) for r in "01"]
     alive = 1 - frozen
     try:
         _wait_for_step(ranks[0].stdout, 2)
@@ -223,7 +214,7 @@ sys.exit(train.main(sys.argv[1:]))
 def test_a_training_error_with_the_dali_loader_prints_nothing_else(tmp_path):
     beton = write_beton(tmp_path / "small.beton", 20)
     cfg = small_cfg(data_path=str(beton), output_dir=str(tmp_path / "run"), num_workers=1)
-    proc = _run([sys.executable, "-c", FAILING_STEP, *_flags(cfg)])
+    proc = start([sys.executable, "-c", FAILING_STEP, *_flags(cfg)])
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1 and stderr.rstrip().endswith("RuntimeError: a step failed"), stderr[-3000:]
     # the loader's iteration is closed while DALI is up, not drained at exit from a torn-down pipeline
